@@ -1,0 +1,43 @@
+"""Shared fixtures: one synthetic dataset and one conversion for the whole session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IMAGES = 300
+
+
+def run_module(module, *args, env=None, timeout=900, check=True):
+  """Runs `python -m module args` from the repository, as a user would."""
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+  if check and result.returncode:
+    raise AssertionError(f"{module} exited {result.returncode}\n{result.stdout}\n{result.stderr[-5000:]}")
+  return result
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  from tfrecords import synthetic
+  root = tmp_path_factory.mktemp("ham10000")
+  return synthetic.write_dataset(str(root), num_images=NUM_IMAGES, seed=1, layout="kaggle", workers=2)
+
+
+@pytest.fixture(scope="session")
+def source(synthetic_dir):
+  from tfrecords import sources
+  return sources.open_source(synthetic_dir)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(source, tmp_path_factory):
+  from tfrecords import convert
+  out = str(tmp_path_factory.mktemp("shards"))
+  settings = convert.Settings(source=source.description)
+  convert.convert(source, out, settings, workers=2)
+  return out

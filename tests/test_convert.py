@@ -1,0 +1,266 @@
+"""The converter: lesion-aware split, round trip, sources, bad input, resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from conftest import NUM_IMAGES, REPO, run_module
+from tfrecords import convert, features, sources, split as split_lib, synthetic
+
+
+def read_shards(pattern):
+  """Reads shards the way any TensorFlow program would, with only the contract's keys."""
+  spec = {
+      "image/encoded": tf.io.FixedLenFeature([], tf.string),
+      "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+      "image/class/text": tf.io.FixedLenFeature([], tf.string),
+      "image/source_id": tf.io.FixedLenFeature([], tf.string),
+      "image/lesion_id": tf.io.FixedLenFeature([], tf.string),
+      "image/height": tf.io.FixedLenFeature([], tf.int64),
+      "image/width": tf.io.FixedLenFeature([], tf.int64),
+      "image/metadata/age": tf.io.FixedLenFeature([], tf.float32),
+  }
+  files = tf.io.gfile.glob(pattern)
+  assert files, pattern
+  return [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files)]
+
+
+# --- split -------------------------------------------------------------------------------------
+
+def test_split_keeps_lesions_whole_and_stratifies(source):
+  metadata = source.metadata
+  split = split_lib.split_by_lesion(metadata, 0.15, 0.15, seed=3)
+  assert (split.groupby(metadata["lesion_id"]).nunique() == 1).all()
+  shares = split.value_counts(normalize=True)
+  assert abs(shares["train"] - 0.70) < 0.04
+  assert abs(shares["validation"] - 0.15) < 0.04 and abs(shares["test"] - 0.15) < 0.04
+  table = pd.crosstab(metadata["dx"], split, normalize="columns")
+  overall = metadata["dx"].value_counts(normalize=True)
+  for name in features.SPLITS:
+    assert (table[name] > 0).all(), f"a class is missing from {name}"
+    # nv dominates every split about as much as it does the whole
+    assert abs(table[name]["nv"] - overall["nv"]) < 0.08
+
+
+def test_split_is_reproducible_and_seeded(source):
+  a = split_lib.split_by_lesion(source.metadata, seed=5)
+  assert a.equals(split_lib.split_by_lesion(source.metadata, seed=5))
+  assert not a.equals(split_lib.split_by_lesion(source.metadata, seed=6))
+
+
+def test_check_split_rejects_a_lesion_on_two_sides(source):
+  metadata = source.metadata
+  split = split_lib.split_by_lesion(metadata)
+  lesion = metadata["lesion_id"][metadata["lesion_id"].duplicated()].iloc[0]
+  rows = metadata.index[metadata["lesion_id"] == lesion]
+  split[rows[0]] = "test" if split[rows[1]] != "test" else "train"
+  with pytest.raises(AssertionError, match="cross splits"):
+    split_lib.check_split(metadata, split)
+
+
+def test_synthetic_dataset_has_hams_shape(source, synthetic_dir):
+  metadata = source.metadata
+  assert len(metadata) == NUM_IMAGES
+  assert metadata["lesion_id"].nunique() < NUM_IMAGES  # lesions with several photos
+  assert metadata["dx"].value_counts().idxmax() == "nv"
+  assert set(metadata["dx"]) == set(features.CLASS_NAMES)
+  assert metadata["age"].isna().sum() >= 1
+  for folder in ("HAM10000_images_part_1", "ham10000_images_part_1", "HAM10000_images_part_2"):
+    assert os.path.isdir(os.path.join(synthetic_dir, folder))
+  image = tf.io.decode_jpeg(sources.read_image_bytes(source.images[metadata["image_id"][0]]))
+  assert image.shape == (450, 600, 3)
+
+
+# --- round trip --------------------------------------------------------------------------------
+
+def test_round_trip_every_image_once_with_its_label(source, shards_dir):
+  examples = read_shards(os.path.join(shards_dir, "*.tfrecord"))
+  ids = [e["image/source_id"].numpy().decode() for e in examples]
+  assert sorted(ids) == sorted(source.metadata["image_id"])  # each once, none twice
+  truth = source.metadata.set_index("image_id")
+  for e, image_id in zip(examples[:40], ids):
+    row = truth.loc[image_id]
+    assert features.CLASS_NAMES[int(e["image/class/label"])] == row["dx"]
+    assert e["image/class/text"].numpy().decode() == row["dx"]
+    assert e["image/lesion_id"].numpy().decode() == row["lesion_id"]
+    age = float(e["image/metadata/age"])
+    assert (np.isnan(age) and np.isnan(row["age"])) or age == row["age"]
+    image = tf.io.decode_jpeg(e["image/encoded"])
+    assert image.shape == (int(e["image/height"]), int(e["image/width"]), 3) == (450, 600, 3)
+    original = tf.io.decode_jpeg(sources.read_image_bytes(source.images[image_id]))
+    assert np.array_equal(image.numpy(), original.numpy())  # bytes kept as they were
+
+
+def test_shards_split_and_manifest_agree(source, shards_dir):
+  manifest = json.load(open(os.path.join(shards_dir, "manifest.json")))
+  label_map = json.load(open(os.path.join(shards_dir, "label_map.json")))
+  assert list(label_map) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+  assert list(label_map.values()) == list(range(7))
+  split_csv = pd.read_csv(os.path.join(shards_dir, "split.csv"))
+  assert (split_csv.groupby("lesion_id")["split"].nunique() == 1).all()
+  assert len(manifest["splits"]["train"]["shards"]) == 16
+  for name in features.SPLITS:
+    info = manifest["splits"][name]
+    examples = read_shards(os.path.join(shards_dir, f"{name}-*-of-*.tfrecord"))
+    assert len(examples) == info["num_examples"] == (split_csv["split"] == name).sum()
+    ids = {e["image/source_id"].numpy().decode() for e in examples}
+    assert ids == set(split_csv["image_id"][split_csv["split"] == name])
+    for shard in info["shards"]:
+      assert shard["name"] == features.shard_name(name, int(shard["name"][-23:-18]), len(info["shards"]))
+      assert convert._sha256_of(os.path.join(shards_dir, shard["name"])) == shard["sha256"]
+  lesions = [set(split_csv["lesion_id"][split_csv["split"] == n]) for n in features.SPLITS]
+  assert not (lesions[0] & lesions[1] or lesions[0] & lesions[2] or lesions[1] & lesions[2])
+
+
+def test_resize_at_conversion_records_size(source, tmp_path):
+  settings = convert.Settings(source=source.description, image_size=64, num_train_shards=2,
+                              num_eval_shards=1)
+  manifest = convert.convert(source, str(tmp_path), settings, workers=1)
+  assert manifest["image_size"] == 64
+  example = read_shards(str(tmp_path / "test-*.tfrecord"))[0]
+  assert tf.io.decode_jpeg(example["image/encoded"]).shape == (64, 64, 3)
+  assert int(example["image/height"]) == int(example["image/width"]) == 64
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+def test_kaggle_source_through_kagglehub_cache(tmp_path, monkeypatch):
+  cache = tmp_path / "kagglehub"
+  synthetic.write_dataset(str(cache), num_images=300, seed=2, layout="kagglehub_cache", workers=1)
+  monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
+  source = sources.open_source("kaggle", kaggle_version=2)
+  assert source.description == "kaggle:kmader/skin-cancer-mnist-ham10000/versions/2"
+  assert len(source.images) == 300  # each image once although the folders hold it twice
+  assert all("HAM10000_images_part" in ref.path for ref in source.images.values())
+
+
+def test_zip_archives_source(tmp_path):
+  root = synthetic.write_dataset(str(tmp_path / "zips"), num_images=300, seed=4, layout="zips", workers=1)
+  assert sorted(f for f in os.listdir(root) if f.endswith(".zip")) == list(sources.IMAGE_ZIPS)
+  source = sources.open_source(root)
+  assert len(source.images) == 300 and all(ref.member for ref in source.images.values())
+  settings = convert.Settings(source=root, num_train_shards=2, num_eval_shards=1)
+  manifest = convert.convert(source, str(tmp_path / "out"), settings, workers=2)
+  assert manifest["num_examples"] == 300
+
+
+def test_non_local_output_on_ram_filesystem(source):
+  out = "ram://shards-test"
+  settings = convert.Settings(source=source.description, num_train_shards=3, num_eval_shards=1)
+  manifest = convert.convert(source, out, settings, workers=2)
+  assert tf.io.gfile.exists(out + "/manifest.json")
+  assert len(read_shards(out + "/*.tfrecord")) == manifest["num_examples"] == NUM_IMAGES
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_copy(synthetic_dir, tmp_path):
+  """A writable copy of the dataset (image folders and CSV only)."""
+  root = tmp_path / "copy"
+  root.mkdir()
+  for name in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    shutil.copytree(os.path.join(synthetic_dir, name), root / name)
+  shutil.copy(os.path.join(synthetic_dir, "HAM10000_metadata.csv"), root)
+  return root
+
+
+def _edit_csv(root, edit):
+  path = root / "HAM10000_metadata.csv"
+  table = pd.read_csv(path)
+  edit(table).to_csv(path, index=False)
+  return table
+
+
+def test_missing_image_is_named(small_copy):
+  table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  victim = table["image_id"][7]
+  os.remove(small_copy / "HAM10000_images_part_1" / f"{victim}.jpg")
+  with pytest.raises(sources.SourceError, match=f"row 9: image {victim} not found"):
+    sources.open_source(str(small_copy))
+
+
+def test_unknown_dx_duplicate_id_and_missing_column_are_named(small_copy):
+  path = small_copy / "HAM10000_metadata.csv"
+  table = pd.read_csv(path)
+  bad = table.copy()
+  bad.loc[4, "dx"] = "melanoma"
+  bad.to_csv(path, index=False)
+  with pytest.raises(sources.SourceError, match="row 6: unknown dx 'melanoma'"):
+    sources.open_source(str(small_copy))
+  bad = table.copy()
+  bad.loc[10, "image_id"] = bad.loc[3, "image_id"]
+  bad.to_csv(path, index=False)
+  with pytest.raises(sources.SourceError, match=f"row 12: duplicate image_id {table['image_id'][3]} .first at row 5"):
+    sources.open_source(str(small_copy))
+  table.drop(columns=["lesion_id"]).to_csv(path, index=False)
+  with pytest.raises(sources.SourceError, match="missing column.*lesion_id"):
+    sources.open_source(str(small_copy))
+
+
+def test_empty_source(tmp_path):
+  with pytest.raises(sources.SourceError, match="no HAM10000_metadata.csv"):
+    sources.open_source(str(tmp_path))
+  with pytest.raises(sources.SourceError, match="no such folder"):
+    sources.open_source(str(tmp_path / "nowhere"))
+
+
+def test_corrupt_jpeg_stops_with_its_id_then_skip_lists_it(small_copy, tmp_path):
+  table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  victim = table["image_id"][0]
+  folder = "HAM10000_images_part_1"
+  path = small_copy / folder / f"{victim}.jpg"
+  path.write_bytes(path.read_bytes()[:3000])  # truncated
+  out = tmp_path / "out"
+  result = run_module("tfrecords.convert", f"--source={small_copy}", f"--output_dir={out}", "--workers=2",
+                      "--num_train_shards=4", "--num_eval_shards=2", check=False)
+  assert result.returncode != 0
+  assert victim in result.stderr and "--skip_bad_images" in result.stderr
+  assert not (out / "manifest.json").exists()
+  assert not [f for f in os.listdir(out) if ".tmp-" in f]  # no half-written shard left behind
+  run_module("tfrecords.convert", f"--source={small_copy}", f"--output_dir={out}", "--workers=2",
+             "--num_train_shards=4", "--num_eval_shards=2", "--skip_bad_images")
+  manifest = json.load(open(out / "manifest.json"))
+  assert [s["image_id"] for s in manifest["skipped_images"]] == [victim]
+  assert manifest["num_examples"] == len(table) - 1
+
+
+def test_different_conversion_in_output_dir_needs_overwrite(source, shards_dir, tmp_path):
+  out = str(tmp_path / "o")
+  convert.convert(source, out, convert.Settings(source=source.description, num_train_shards=2,
+                                                num_eval_shards=1))
+  other = convert.Settings(source=source.description, num_train_shards=2, num_eval_shards=1, seed=9)
+  with pytest.raises(convert.ConversionError, match="another conversion.*seed"):
+    convert.convert(source, out, other)
+  assert json.load(open(os.path.join(out, "plan.json")))["settings"]["seed"] == 0  # untouched
+  manifest = convert.convert(source, out, other, overwrite=True)
+  assert manifest["settings"]["seed"] == 9
+
+
+def test_killed_conversion_leaves_no_manifest_and_rerun_finishes(synthetic_dir, shards_dir, tmp_path):
+  out = tmp_path / "killed"
+  args = [sys.executable, "-m", "tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={out}",
+          "--workers=1"]
+  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (out.exists() and any(f.endswith(".tfrecord") for f in os.listdir(out))):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  written = [f for f in os.listdir(out) if f.endswith(".tfrecord")]
+  assert written and len(written) < 24, "kill it mid-way"
+  assert not (out / "manifest.json").exists()
+  run_module("tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={out}", "--workers=2")
+  resumed = json.load(open(out / "manifest.json"))
+  clean = json.load(open(os.path.join(shards_dir, "manifest.json")))
+  assert resumed["splits"] == clean["splits"]  # same shards, byte for byte
+  assert not [f for f in os.listdir(out) if ".tmp-" in f]

@@ -1,0 +1,321 @@
+r"""Converts HAM10000 into lesion-aware, sharded TFRecords.
+
+  python -m tfrecords.convert --source=kaggle --output_dir=gs://bucket/ham10000
+  python -m tfrecords.convert --source=/data/ham10000 --output_dir=/data/shards --image_size=256
+
+The output folder receives, in this order: `plan.json` (the settings) and
+`split.csv` (image_id, lesion_id, dx, split); the shards, each written under a
+temporary name and moved into place; `label_map.json`; `manifest.json` last.
+A folder without `manifest.json` is an unfinished conversion: rerunning the
+same command finishes it, skipping the shards already in place.
+"""
+
+import dataclasses
+import hashlib
+
+import multiprocessing
+import os
+import sys
+
+import time
+
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+
+from tfrecords import features, fileio, sources, split as split_lib
+
+PLAN_FILE = "plan.json"
+SPLIT_FILE = "split.csv"
+LABEL_MAP_FILE = "label_map.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What defines a conversion: a rerun with equal settings resumes it."""
+  source: str
+  kaggle_version: int = 2
+  image_size: int = 0
+  jpeg_quality: int = 95
+  num_train_shards: int = 16
+  num_eval_shards: int = 4
+  val_fraction: float = 0.15
+  test_fraction: float = 0.15
+  seed: int = 0
+
+
+_DEFAULT = Settings(source="kaggle")
+
+
+class ConversionError(RuntimeError):
+  pass
+
+
+def define_flags():
+  flags.DEFINE_string("source", "kaggle", "kaggle (kagglehub), a local folder (images or the two "
+                      "zip archives beside HAM10000_metadata.csv) or a gs:// prefix.")
+  flags.DEFINE_integer("kaggle_version", _DEFAULT.kaggle_version, "Version of kmader/skin-cancer-mnist-ham10000 on Kaggle.")
+  flags.DEFINE_string("output_dir", None, "Where the shards go: a local folder or gs://.", required=True)
+  flags.DEFINE_integer("image_size", _DEFAULT.image_size, "0 keeps the original JPEGs; N resizes to N×N with "
+                       "tf.image.resize (as the seed's inference does) and re-encodes.")
+  flags.DEFINE_integer("jpeg_quality", _DEFAULT.jpeg_quality, "JPEG quality when --image_size re-encodes.")
+  flags.DEFINE_integer("num_train_shards", _DEFAULT.num_train_shards, "Train shards (≥ the number of workers that will read them).")
+  flags.DEFINE_integer("num_eval_shards", _DEFAULT.num_eval_shards, "Shards for each of validation and test.")
+  flags.DEFINE_float("val_fraction", _DEFAULT.val_fraction, "Share of lesions for validation.")
+  flags.DEFINE_float("test_fraction", _DEFAULT.test_fraction, "Share of lesions for test.")
+  flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the split and of the order within shards.")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes that encode shards.")
+  flags.DEFINE_bool("skip_bad_images", False, "Skip (and list in the manifest) images that fail to "
+                    "decode, instead of stopping with an error.")
+  flags.DEFINE_bool("overwrite", False, "Replace a different conversion already in --output_dir.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  output_dir: str
+  name: str
+  rows: tuple  # (metadata row dict, ImageRef) pairs
+  image_size: int
+  jpeg_quality: int
+  skip_bad_images: bool
+
+
+def _sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with fileio.tf.io.gfile.GFile(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _encode_image(jpeg: bytes, image_size: int, quality: int):
+  """Decodes (so a corrupt JPEG fails here) and optionally resizes as the seed does."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.io.decode_jpeg(jpeg, channels=3)
+  if image_size:
+    resized = tf.image.resize(image, (image_size, image_size))  # bilinear, as the seed's inference
+    image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    jpeg = tf.io.encode_jpeg(image, quality=quality).numpy()
+  return jpeg, int(image.shape[0]), int(image.shape[1])
+
+
+def write_shard(task: ShardTask) -> dict:
+  """Writes one shard under a temporary name, then moves it into place; returns its stats."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  final = fileio.join(task.output_dir, task.name)
+  class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
+  skipped = []
+  with fileio.local_copy_then_upload(final) as tmp:
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for row, ref in task.rows:
+        try:
+          jpeg, height, width = _encode_image(sources.read_image_bytes(ref), task.image_size,
+                                              task.jpeg_quality)
+        except (tf.errors.InvalidArgumentError, OSError, KeyError) as e:
+          if not task.skip_bad_images:
+            raise ConversionError(f"image {row['image_id']} ({ref}) cannot be decoded: "
+                                  f"{str(e).splitlines()[-1][:200]}. Replace it, or rerun with "
+                                  "--skip_bad_images to leave it out.") from None
+          skipped.append({"image_id": row["image_id"], "path": str(ref)})
+          continue
+        writer.write(features.encode_example(jpeg=jpeg, height=height, width=width, row=row))
+        class_counts[row["dx"]] += 1
+    sha256 = _sha256_of(tmp)
+  return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
+          "sha256": sha256, "skipped": skipped}
+
+
+def stats_of_existing_shard(path: str) -> dict:
+  """Counts of a shard a previous run finished (its name means it was complete)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
+  for record in tf.data.TFRecordDataset(path):
+    label = int(features.parse_example(record, [features.LABEL])[features.LABEL])
+    class_counts[features.CLASS_NAMES[label]] += 1
+  return {"name": os.path.basename(path), "num_examples": sum(class_counts.values()),
+          "class_counts": class_counts, "sha256": _sha256_of(path), "skipped": []}
+
+
+def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) -> dict[str, list[list[int]]]:
+  """Row indices per shard, per split: rows shuffled by the seed, then dealt round-robin."""
+  rng = np.random.default_rng(settings.seed)
+  plan = {}
+  for name in features.SPLITS:
+    count = settings.num_train_shards if name == "train" else settings.num_eval_shards
+    rows = rng.permutation(np.flatnonzero(split.to_numpy() == name))
+    plan[name] = [rows[i::count].tolist() for i in range(count)]
+  return plan
+
+
+def _prepare_output(output_dir: str, settings: Settings, overwrite: bool) -> bool:
+  """Checks what the folder holds; returns True when this exact conversion is already finished."""
+  tf = fileio.tf
+  plan_path = fileio.join(output_dir, PLAN_FILE)
+  ours = [PLAN_FILE, SPLIT_FILE, LABEL_MAP_FILE, MANIFEST_FILE]
+  existing = tf.io.gfile.listdir(output_dir) if tf.io.gfile.isdir(output_dir) else []
+  existing = [name.rstrip("/") for name in existing]
+  shard_files = [n for n in existing if n.endswith(".tfrecord")]
+  if tf.io.gfile.exists(plan_path):
+    previous = fileio.read_json(plan_path).get("settings")
+    if previous == dataclasses.asdict(settings):
+      return MANIFEST_FILE in existing
+    if not overwrite:
+      changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(settings).items()
+                 if previous.get(k) != v}
+      raise ConversionError(f"{output_dir} holds another conversion (settings differ: {changed}); "
+                            "choose another --output_dir or pass --overwrite")
+  elif (shard_files or MANIFEST_FILE in existing) and not overwrite:
+    raise ConversionError(f"{output_dir} already holds TFRecords not written by this settings plan; "
+                          "choose another --output_dir or pass --overwrite")
+  if overwrite:
+    for name in existing:
+      if name in ours or name.endswith(".tfrecord"):
+        fileio.remove_if_exists(fileio.join(output_dir, name))
+  return False
+
+
+def convert(source: sources.Source, output_dir: str, settings: Settings, workers: int = 1,
+            skip_bad_images: bool = False, overwrite: bool = False) -> dict:
+  """Runs (or finishes) a conversion and returns its manifest."""
+  tf = fileio.tf
+  split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
+                                    settings.seed)
+  tf.io.gfile.makedirs(output_dir)
+  if _prepare_output(output_dir, settings, overwrite):
+    logging.info("%s already holds this conversion (manifest.json present): nothing to do", output_dir)
+    return fileio.read_json(fileio.join(output_dir, MANIFEST_FILE))
+
+  # The plan first: a rerun compares its settings, a reader audits the split.
+  split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
+  fileio.write_json(fileio.join(output_dir, PLAN_FILE),
+                    {"format_version": FORMAT_VERSION, "settings": dataclasses.asdict(settings)})
+  fileio.write_atomic(fileio.join(output_dir, SPLIT_FILE), split_table.to_csv(index=False))
+
+  records = source.metadata.to_dict("records")
+  tasks, done = [], {}
+  for name, shards in plan_shards(source.metadata, split, settings).items():
+    for index, rows in enumerate(shards):
+      shard = features.shard_name(name, index, len(shards))
+      path = fileio.join(output_dir, shard)
+      if tf.io.gfile.exists(path):
+        done[shard] = stats_of_existing_shard(path)
+        continue
+      pairs = tuple((records[i], source.images[records[i]["image_id"]]) for i in rows)
+      tasks.append(ShardTask(output_dir, shard, pairs, settings.image_size, settings.jpeg_quality,
+                             skip_bad_images))
+  if done:
+    logging.info("resuming: %d shards already in place, %d to write", len(done), len(tasks))
+
+  if not fileio.is_local(output_dir) and output_dir.startswith("ram://"):
+    workers = 1  # ram:// lives in this process's memory only
+  start, images = time.perf_counter(), 0
+  total = sum(len(t.rows) for t in tasks)
+  _remove_temporaries(output_dir)  # left by a run that was killed
+  try:
+    for stats in _run(tasks, workers):
+      done[stats["name"]] = stats
+      images += len(next(t.rows for t in tasks if t.name == stats["name"]))
+      elapsed = time.perf_counter() - start
+      logging.info("%s: %d examples (%d/%d images, %.1f images/s)", stats["name"],
+                   stats["num_examples"], images, total, images / max(elapsed, 1e-9))
+  except BaseException:
+    _remove_temporaries(output_dir)  # other workers' shards in progress, stopped mid-write
+    raise
+
+  manifest = _manifest(source, settings, split, done)
+  fileio.write_json(fileio.join(output_dir, LABEL_MAP_FILE), features.LABEL_MAP)
+  fileio.write_json(fileio.join(output_dir, MANIFEST_FILE), manifest)  # last: marks completion
+  if total:
+    elapsed = time.perf_counter() - start
+    logging.info("converted %d images in %.1f s (%.1f images/s, %d workers)", total, elapsed,
+                 total / elapsed, workers)
+  return manifest
+
+
+def _remove_temporaries(output_dir):
+  for path in fileio.tf.io.gfile.glob(fileio.join(output_dir, ".*.tfrecord.tmp-*")):
+    fileio.remove_if_exists(path)
+
+
+def _init_worker():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # One thread per process: the processes are the parallelism.
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _run(tasks, workers):
+  if workers <= 1 or len(tasks) <= 1:
+    yield from map(write_shard, tasks)
+    return
+  # spawn, not fork: TensorFlow's runtime does not survive a fork.
+  with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), _init_worker) as pool:
+    # Largest shards first so the last worker is not left with a long tail.
+    ordered = sorted(tasks, key=lambda t: -len(t.rows))
+    yield from pool.imap_unordered(write_shard, ordered)
+
+
+def _manifest(source, settings, split, done):
+  splits = {}
+  for name in features.SPLITS:
+    shards = sorted((s for s in done.values() if s["name"].startswith(name + "-")), key=lambda s: s["name"])
+    class_counts = {dx: sum(s["class_counts"][dx] for s in shards) for dx in features.CLASS_NAMES}
+    splits[name] = {
+        "num_examples": sum(s["num_examples"] for s in shards),
+        "num_lesions": int(source.metadata["lesion_id"][split == name].nunique()),
+        "class_counts": class_counts,
+        "shards": [{k: s[k] for k in ("name", "num_examples", "sha256")} for s in shards],
+    }
+  return {
+      "format_version": FORMAT_VERSION,
+      "source": source.description,
+      "source_version": settings.kaggle_version if settings.source == "kaggle" else None,
+      "metadata_file": source.metadata_path,
+      "settings": dataclasses.asdict(settings),
+      "image_size": settings.image_size,
+      "label_map": features.LABEL_MAP,
+      "num_examples": sum(s["num_examples"] for s in splits.values()),
+      "splits": splits,
+      "skipped_images": [item for s in done.values() for item in s["skipped"]],
+  }
+
+
+def settings_from_flags() -> Settings:
+  return Settings(source=FLAGS.source, kaggle_version=FLAGS.kaggle_version, image_size=FLAGS.image_size,
+                  jpeg_quality=FLAGS.jpeg_quality, num_train_shards=FLAGS.num_train_shards,
+                  num_eval_shards=FLAGS.num_eval_shards, val_fraction=FLAGS.val_fraction,
+                  test_fraction=FLAGS.test_fraction, seed=FLAGS.seed)
+
+
+def main(argv):
+  del argv
+  settings = settings_from_flags()
+  for flag in ("num_train_shards", "num_eval_shards", "workers"):
+    if FLAGS[flag].value < 1:
+      raise app.UsageError(f"--{flag} must be at least 1")
+  if settings.image_size < 0:
+    raise app.UsageError("--image_size must be 0 (keep) or a positive size")
+  try:
+    source = sources.open_source(settings.source, settings.kaggle_version)
+    manifest = convert(source, FLAGS.output_dir, settings, FLAGS.workers, FLAGS.skip_bad_images,
+                       FLAGS.overwrite)
+  except (sources.SourceError, ConversionError, ValueError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  for name, info in manifest["splits"].items():
+    logging.info("%-10s %5d images, %4d lesions, %d shards", name, info["num_examples"],
+                 info["num_lesions"], len(info["shards"]))
+  if manifest["skipped_images"]:
+    logging.warning("skipped %d images that failed to decode (listed in manifest.json)",
+                    len(manifest["skipped_images"]))
+  print(fileio.join(FLAGS.output_dir, MANIFEST_FILE))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

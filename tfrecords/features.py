@@ -1,0 +1,100 @@
+"""The TFRecord contract: feature keys, the label map, encoding and parsing.
+
+The keys follow TensorFlow Model Garden's image classification decoder
+(`official/vision/dataloaders/tfexample_utils.py`), so its tools and ours read
+each other's shards. The converter writes with `encode_example`; the training
+job reads with `parse_example`. Nothing else should spell a key.
+"""
+
+import math
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+IMAGE_ENCODED = "image/encoded"
+IMAGE_FORMAT = "image/format"
+IMAGE_HEIGHT = "image/height"
+IMAGE_WIDTH = "image/width"
+LABEL = "image/class/label"
+LABEL_TEXT = "image/class/text"
+SOURCE_ID = "image/source_id"
+LESION_ID = "image/lesion_id"
+AGE = "image/metadata/age"
+SEX = "image/metadata/sex"
+LOCALIZATION = "image/metadata/localization"
+DX_TYPE = "image/metadata/dx_type"  # leaks the label: audit only, never a model input
+
+# Index order of the seven HAM10000 diagnoses. `label_map.json` is written from
+# this dict, so `list(label_map)[i]` is class i (the seed's inference relies on it).
+CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+LABEL_MAP = {name: index for index, name in enumerate(CLASS_NAMES)}
+NUM_CLASSES = len(CLASS_NAMES)
+
+SPLITS = ("train", "validation", "test")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def shard_pattern(split: str) -> str:
+  return f"{split}-?????-of-?????.tfrecord"
+
+
+def _bytes(value: bytes | str) -> tf.train.Feature:
+  if isinstance(value, str):
+    value = value.encode("utf-8")
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int64(value: int) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def _float(value: float) -> tf.train.Feature:
+  return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
+
+
+def encode_example(*, jpeg: bytes, height: int, width: int, row: Mapping[str, Any]) -> bytes:
+  """Serialises one image and its metadata row (HAM10000 columns) as a tf.train.Example."""
+  age = row.get("age")
+  age = float("nan") if age is None or (isinstance(age, float) and math.isnan(age)) else float(age)
+  dx = str(row["dx"])
+  feature = {
+      IMAGE_ENCODED: _bytes(jpeg),
+      IMAGE_FORMAT: _bytes("jpeg"),
+      IMAGE_HEIGHT: _int64(height),
+      IMAGE_WIDTH: _int64(width),
+      LABEL: _int64(LABEL_MAP[dx]),
+      LABEL_TEXT: _bytes(dx),
+      SOURCE_ID: _bytes(str(row["image_id"])),
+      LESION_ID: _bytes(str(row["lesion_id"])),
+      AGE: _float(age),
+      SEX: _bytes(str(row.get("sex") or "")),
+      LOCALIZATION: _bytes(str(row.get("localization") or "")),
+      DX_TYPE: _bytes(str(row.get("dx_type") or "")),
+  }
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  return example.SerializeToString(deterministic=True)  # same bytes in every process
+
+
+FEATURE_SPEC = {
+    IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+    IMAGE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value="jpeg"),
+    IMAGE_HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    IMAGE_WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    LABEL: tf.io.FixedLenFeature([], tf.int64),
+    LABEL_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    SOURCE_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    LESION_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    AGE: tf.io.FixedLenFeature([], tf.float32, default_value=float("nan")),
+    SEX: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    LOCALIZATION: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    DX_TYPE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+}
+
+
+def parse_example(serialized: tf.Tensor, keys=None) -> dict[str, tf.Tensor]:
+  """Parses a serialised example; `keys` limits parsing to the features needed."""
+  spec = FEATURE_SPEC if keys is None else {k: FEATURE_SPEC[k] for k in keys}
+  return tf.io.parse_single_example(serialized, spec)

@@ -1,0 +1,84 @@
+"""File writes that work the same on local disk, gs:// and ram://.
+
+Libraries such as h5py and the csv module write local files only, and a
+reader must never see a half-written file. Everything that writes an artifact
+goes through `local_copy_then_upload` or `write_atomic`: write a local
+temporary file, then move it (local) or copy it (remote, where an object
+appears only when its upload completes) into place.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+import uuid
+
+import tensorflow as tf
+
+
+def is_local(path: str) -> bool:
+  return "://" not in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+  # os.path.join keeps "gs://bucket/a" intact, and gfile accepts "/" everywhere.
+  return os.path.join(str(base), *parts)
+
+
+@contextlib.contextmanager
+def local_copy_then_upload(path: str, suffix: str = ""):
+  """Yields a local temporary path; on success it becomes `path`, atomically."""
+  directory = os.path.dirname(path) if is_local(path) else None
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=suffix or os.path.splitext(path)[1], dir=directory,
+                             prefix=f".{os.path.basename(path)}.tmp-")
+  os.close(fd)
+  try:
+    yield tmp
+    if directory is not None:
+      os.replace(tmp, path)
+    else:
+      tf.io.gfile.makedirs(os.path.dirname(path))
+      tf.io.gfile.copy(tmp, path, overwrite=True)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_atomic(path: str, data: bytes | str):
+  mode = "wb" if isinstance(data, bytes) else "w"
+  with local_copy_then_upload(path) as tmp:
+    with open(tmp, mode) as f:
+      f.write(data)
+
+
+def write_json(path: str, value) -> None:
+  write_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str):
+  with tf.io.gfile.GFile(path, "r") as f:
+    return json.load(f)
+
+
+def copy_to_local(path: str, directory: str | None = None) -> str:
+  """A local copy of `path` (h5py and zipfile open local files only); local paths pass through."""
+  if is_local(path):
+    return path
+  directory = directory or tempfile.mkdtemp(prefix="ham10000-")
+  local = os.path.join(directory, f"{uuid.uuid4().hex}-{os.path.basename(path)}")
+  tf.io.gfile.copy(path, local, overwrite=True)
+  return local
+
+
+def remove_if_exists(path: str):
+  if tf.io.gfile.exists(path):
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+
+
+__all__ = ["is_local", "join", "local_copy_then_upload", "write_atomic", "write_json", "read_json",
+           "copy_to_local", "remove_if_exists"]

@@ -1,0 +1,63 @@
+"""Train/validation/test split by lesion, stratified by diagnosis.
+
+HAM10000 holds 10,015 images of 7,470 lesions: a split by image puts photos of
+one lesion on both sides and inflates every metric. Whole lesions go to one
+split, and the class mix of each split follows the whole (scikit-learn's
+StratifiedGroupKFold over equal folds, the folds then dealt to the splits).
+"""
+
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from tfrecords import features
+
+
+def _fold_counts(val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+  """The fewest equal folds (≤ 100) that deal the fractions exactly: 15/15 → 3, 3 of 20."""
+  for n in range(2, 101):
+    k_val, k_test = val_fraction * n, test_fraction * n
+    if abs(k_val - round(k_val)) < 1e-6 and abs(k_test - round(k_test)) < 1e-6:
+      return n, round(k_val), round(k_test)
+  n = 100
+  return n, max(1, round(val_fraction * n)), max(1, round(test_fraction * n))
+
+
+def split_by_lesion(metadata: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                    seed: int = 0) -> pd.Series:
+  """Returns the split name of every row of `metadata` (columns lesion_id, dx)."""
+  if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+    raise ValueError(f"--val_fraction={val_fraction} and --test_fraction={test_fraction} must be "
+                     "in (0, 1) and leave a train split")
+  lesion_dx = metadata.groupby("lesion_id")["dx"].nunique()
+  mixed = lesion_dx[lesion_dx > 1]
+  if len(mixed):
+    raise ValueError(f"lesion {mixed.index[0]} has images with different dx values; "
+                     "a lesion must have a single diagnosis")
+
+  n_folds, k_val, k_test = _fold_counts(val_fraction, test_fraction)
+  folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+  fold_of_row = np.empty(len(metadata), dtype=np.int64)
+  for fold, (_, rows) in enumerate(folds.split(metadata, metadata["dx"], metadata["lesion_id"])):
+    fold_of_row[rows] = fold
+  split = np.where(fold_of_row < k_test, "test",
+                   np.where(fold_of_row < k_test + k_val, "validation", "train"))
+  split = pd.Series(split, index=metadata.index, name="split")
+  check_split(metadata, split)
+  return split
+
+
+def check_split(metadata: pd.DataFrame, split: pd.Series):
+  """Raises unless no lesion crosses splits and every class is in every split."""
+  splits_per_lesion = split.groupby(metadata["lesion_id"]).nunique()
+  shared = splits_per_lesion[splits_per_lesion > 1]
+  if len(shared):
+    raise AssertionError(f"{len(shared)} lesions cross splits, e.g. {shared.index[0]}")
+  counts = pd.crosstab(metadata["dx"], split)
+  for name in features.SPLITS:
+    missing = [dx for dx in features.CLASS_NAMES
+               if dx in counts.index and counts.get(name, pd.Series(dtype=int)).get(dx, 0) == 0]
+    if missing:
+      raise ValueError(f"the {name} split has no image of class {', '.join(missing)}: too few "
+                       "lesions of that class for this split; use more data or another --seed")

@@ -1,0 +1,231 @@
+r"""A synthetic, HAM10000-shaped dataset for offline runs and tests.
+
+HAM10000 itself cannot be fetched offline, so this writes a stand-in with the
+same shape: the Kaggle folders (`HAM10000_images_part_1/`, `_part_2/` and their
+lowercase twins), `HAM10000_metadata.csv` with the real columns, 600×450 JPEGs
+with skin-like texture (so decoding costs about what a real image costs),
+lesions photographed 1-6 times, HAM10000's class imbalance (with a floor so
+every class lands in every split at small N), a few missing ages, and a visual
+class signal (colour, size, border) that a CNN can learn.
+
+  python -m tfrecords.synthetic --output_dir=/tmp/ham_synth --num_images=600
+  python -m tfrecords.synthetic --output_dir=/tmp/cache --layout=kagglehub_cache
+"""
+
+import csv
+import io
+import multiprocessing
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image, ImageDraw, ImageFilter
+
+WIDTH, HEIGHT = 600, 450
+METADATA_FILE = "HAM10000_metadata.csv"
+METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+KAGGLE_HANDLE = "kmader/skin-cancer-mnist-ham10000"
+
+# Image counts in HAM10000 (Tschandl et al., 2018) and the share of lesions
+# photographed 1..6 times (7,470 lesions for 10,015 images).
+HAM10000_CLASS_COUNTS = {
+    "akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
+PHOTOS_PER_LESION_SHARE = (0.74, 0.19, 0.053, 0.013, 0.003, 0.001)
+MIN_IMAGES_PER_CLASS = 30
+LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face",
+                 "chest", "foot", "neck", "scalp", "hand", "ear", "unknown")
+
+# The class signal: a mean lesion colour (RGB), a radius range and how ragged
+# the border is. Lesion-to-lesion jitter keeps neighbouring classes overlapping.
+@dataclass(frozen=True)
+class _Look:
+  rgb: tuple[int, int, int]
+  radius: tuple[int, int]
+  blobs: int
+
+
+CLASS_LOOKS = {
+    "akiec": _Look((196, 112, 96), (60, 110), 3),
+    "bcc": _Look((214, 160, 178), (50, 100), 2),
+    "bkl": _Look((150, 112, 66), (80, 150), 4),
+    "df": _Look((176, 132, 120), (40, 70), 1),
+    "mel": _Look((58, 38, 48), (90, 170), 7),
+    "nv": _Look((118, 78, 54), (50, 120), 1),
+    "vasc": _Look((170, 30, 64), (30, 70), 5),
+}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("output_dir", None, "Where to write the dataset.", required=True)
+  flags.DEFINE_integer("num_images", 600, "Number of images (≥ 200 so every class lands in every split).")
+  flags.DEFINE_integer("seed", 0, "Random seed: the same seed writes the same dataset.")
+  flags.DEFINE_enum("layout", "kaggle", ["kaggle", "folder", "zips", "kagglehub_cache"],
+                    "kaggle: the Kaggle copy's folders with lowercase twins; folder: the two "
+                    "image folders and the CSV; zips: the two zip archives and the CSV; "
+                    "kagglehub_cache: the kaggle layout inside a KAGGLEHUB_CACHE folder.")
+  flags.DEFINE_integer("kaggle_version", 2, "Dataset version for --layout=kagglehub_cache.")
+  flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes that render images.")
+
+
+def class_image_counts(num_images: int) -> dict[str, int]:
+  """HAM10000's class shares with a floor, scaled to `num_images`."""
+  if num_images < 10 * MIN_IMAGES_PER_CLASS:
+    raise ValueError(f"--num_images={num_images}: need at least {10 * MIN_IMAGES_PER_CLASS} "
+                     "so that every class lands in every split")
+  total = sum(HAM10000_CLASS_COUNTS.values())
+  counts = {dx: max(MIN_IMAGES_PER_CLASS, round(num_images * n / total))
+            for dx, n in HAM10000_CLASS_COUNTS.items()}
+  counts["nv"] += num_images - sum(counts.values())  # nv absorbs the rounding and the floor
+  return counts
+
+
+def make_metadata(num_images: int, seed: int) -> list[dict]:
+  """Rows of HAM10000_metadata.csv, plus the private `_look` seed of each lesion."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  lesion_number = 0
+  for dx, count in class_image_counts(num_images).items():
+    remaining = count
+    while remaining:
+      photos = min(remaining, 1 + rng.choice(len(PHOTOS_PER_LESION_SHARE), p=PHOTOS_PER_LESION_SHARE))
+      remaining -= photos
+      lesion_number += 1
+      lesion = {
+          "lesion_id": f"HAM_{lesion_number:07d}",
+          "dx": dx,
+          "dx_type": "follow_up" if dx == "nv" and rng.random() < 0.55 else
+                     str(rng.choice(["histo", "consensus", "confocal"], p=[0.8, 0.15, 0.05])),
+          "age": float(rng.integers(1, 18) * 5),
+          "sex": str(rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005])),
+          "localization": str(rng.choice(LOCALIZATIONS)),
+          "_look": int(rng.integers(2**31)),
+      }
+      rows.extend(dict(lesion, _photo=p) for p in range(photos))
+  order = rng.permutation(len(rows))
+  rows = [rows[i] for i in order]
+  for number, row in enumerate(rows):
+    row["image_id"] = f"ISIC_{24306 + number:07d}"
+  # HAM10000 misses 57 of 10,015 ages; keep at least two missing at any size.
+  for i in rng.choice(len(rows), size=max(2, len(rows) * 57 // 10015), replace=False):
+    rows[i]["age"] = float("nan")
+  return rows
+
+
+def render_image(row: dict, jpeg_quality: int = 95) -> bytes:
+  """One 600×450 dermatoscopy-like JPEG: textured skin and a class-coloured lesion."""
+  look = CLASS_LOOKS[row["dx"]]
+  lesion_rng = np.random.default_rng(row["_look"])  # shared by the photos of one lesion
+  photo_rng = np.random.default_rng([row["_look"], row["_photo"]])
+
+  skin = np.array([222, 178, 150]) + lesion_rng.normal(0, 12, 3)
+  coarse = Image.fromarray(lesion_rng.normal(0, 1, (12, 16, 3)).astype(np.float32)[..., 0])
+  shade = np.asarray(coarse.resize((WIDTH, HEIGHT), Image.BICUBIC))[..., None] * 10
+  grain = photo_rng.normal(0, 9, (HEIGHT, WIDTH, 3))
+  base = np.clip(skin + shade + grain, 0, 255).astype(np.uint8)
+  image = Image.fromarray(base)
+
+  mask = Image.new("L", (WIDTH, HEIGHT), 0)
+  draw = ImageDraw.Draw(mask)
+  radius = lesion_rng.uniform(*look.radius) * photo_rng.uniform(0.9, 1.1)
+  cx = WIDTH / 2 + photo_rng.normal(0, 30)
+  cy = HEIGHT / 2 + photo_rng.normal(0, 25)
+  for _ in range(look.blobs):
+    r = radius * lesion_rng.uniform(0.55, 1.0)
+    dx, dy = lesion_rng.normal(0, radius * 0.35, 2) if look.blobs > 1 else (0.0, 0.0)
+    aspect = lesion_rng.uniform(0.7, 1.3)
+    draw.ellipse((cx + dx - r * aspect, cy + dy - r / aspect, cx + dx + r * aspect, cy + dy + r / aspect), fill=255)
+  mask = mask.filter(ImageFilter.GaussianBlur(4))
+
+  colour = np.array(look.rgb) + lesion_rng.normal(0, 14, 3) + photo_rng.normal(0, 4, 3)
+  texture = photo_rng.normal(0, 14, (HEIGHT, WIDTH, 1)) * np.array([1.0, 0.9, 0.8])
+  lesion = Image.fromarray(np.clip(colour + texture, 0, 255).astype(np.uint8))
+  image = Image.composite(lesion, image, mask)
+
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=jpeg_quality)
+  return buffer.getvalue()
+
+
+def _render_to_file(args):
+  row, path, jpeg_quality = args
+  with open(path, "wb") as f:
+    f.write(render_image(row, jpeg_quality))
+
+
+def write_metadata(rows: list[dict], path: str):
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({**row, "age": "" if np.isnan(row["age"]) else row["age"]})
+
+
+def kagglehub_cache_dataset_dir(cache_dir: str, version: int) -> str:
+  """Where kagglehub keeps a versioned dataset inside KAGGLEHUB_CACHE."""
+  return os.path.join(cache_dir, "datasets", *KAGGLE_HANDLE.split("/"), "versions", str(version))
+
+
+def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout: str = "kaggle",
+                  kaggle_version: int = 2, jpeg_quality: int = 95, workers: int = 1) -> str:
+  """Writes the dataset and returns the folder that holds the metadata CSV."""
+  root = output_dir
+  if layout == "kagglehub_cache":
+    root = kagglehub_cache_dataset_dir(output_dir, kaggle_version)
+  os.makedirs(root, exist_ok=True)
+  rows = make_metadata(num_images, seed)
+  half = (len(rows) + 1) // 2
+  jobs = []
+  for folder in IMAGE_FOLDERS:
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+  for number, row in enumerate(rows):
+    folder = IMAGE_FOLDERS[number >= half]
+    jobs.append((row, os.path.join(root, folder, row["image_id"] + ".jpg"), jpeg_quality))
+  with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
+    for done, _ in enumerate(pool.imap_unordered(_render_to_file, jobs, chunksize=8), 1):
+      if done % 200 == 0 or done == len(jobs):
+        logging.info("rendered %d/%d images", done, len(jobs))
+  write_metadata(rows, os.path.join(root, METADATA_FILE))
+
+  if layout in ("kaggle", "kagglehub_cache"):
+    # The Kaggle copy holds each image folder twice, once in lowercase.
+    for folder in IMAGE_FOLDERS:
+      shutil.copytree(os.path.join(root, folder), os.path.join(root, folder.lower()),
+                      copy_function=_link_or_copy, dirs_exist_ok=True)
+  elif layout == "zips":
+    for folder in IMAGE_FOLDERS:
+      with zipfile.ZipFile(os.path.join(root, folder + ".zip"), "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+          archive.write(os.path.join(root, folder, name), name)
+      shutil.rmtree(os.path.join(root, folder))
+  if layout == "kagglehub_cache":
+    # kagglehub treats a dataset as cached once its completion marker exists.
+    marker = os.path.join(output_dir, "datasets", *KAGGLE_HANDLE.split("/"), f"{kaggle_version}.complete")
+    open(marker, "w").close()
+  return root
+
+
+def _link_or_copy(src, dst):
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def main(argv):
+  del argv
+  root = write_dataset(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, FLAGS.layout,
+                       FLAGS.kaggle_version, FLAGS.jpeg_quality, FLAGS.workers)
+  logging.info("Synthetic HAM10000 (%d images, layout %s) in %s", FLAGS.num_images, FLAGS.layout, root)
+  print(root)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
