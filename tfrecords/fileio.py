@@ -16,6 +16,10 @@ import uuid
 import tensorflow as tf
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def is_local(path: str) -> bool:
   return "://" not in str(path)
 
@@ -34,6 +38,7 @@ def local_copy_then_upload(path: str, suffix: str = ""):
   fd, tmp = tempfile.mkstemp(suffix=suffix or os.path.splitext(path)[1], dir=directory,
                              prefix=f".{os.path.basename(path)}.tmp-")
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact is as readable as any file
   try:
     yield tmp
     if directory is not None:

@@ -1,0 +1,90 @@
+"""Callbacks that span both stages and survive restarts.
+
+The stock ModelCheckpoint would save the training wrapper and CSVLogger fails
+on non-local paths (TF 2.21 / Keras 3.15: "'GFile' object has no attribute
+'closed'"), so the best model and the history have small callbacks of their own
+that write through tfrecords.fileio.
+"""
+
+import csv
+import io
+import math
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from job import model as model_lib
+from tfrecords import fileio
+
+
+def better(mode: str, value: float, best: float | None) -> bool:
+  if best is None or math.isnan(best):
+    return not math.isnan(value)
+  return value > best if mode == "max" else value < best
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+  """Saves the inner model (float32) whenever `monitor` improves.
+
+  The best value so far lives in `state_path` beside the model, so stage 2 and
+  a resumed run save only a model better than any saved before (as Keras's
+  `initial_value_threshold` would, carried across fits)."""
+
+  def __init__(self, inner, model_path, state_path, monitor, mode, stage, write=True):
+    super().__init__()
+    self.inner, self.model_path, self.state_path = inner, model_path, state_path
+    self.monitor, self.mode, self.stage, self.write = monitor, mode, stage, write
+    self.best = None
+    if tf.io.gfile.exists(state_path):
+      state = fileio.read_json(state_path)
+      if state.get("monitor") == monitor:
+        self.best = state["value"]
+
+  def on_epoch_end(self, epoch, logs=None):
+    value = (logs or {}).get(self.monitor)
+    if value is None:
+      logging.warning("best model: %s is not in the logs (%s)", self.monitor, sorted(logs or {}))
+      return
+    value = float(value)
+    if not better(self.mode, value, self.best):
+      return
+    logging.info("epoch %d: %s improved from %s to %.4f, saving %s", epoch + 1, self.monitor,
+                 "none" if self.best is None else f"{self.best:.4f}", value, self.model_path)
+    self.best = value
+    if self.write:
+      with fileio.local_copy_then_upload(self.model_path, ".keras") as tmp:
+        model_lib.float32_copy(self.inner).save(tmp)
+      fileio.write_json(self.state_path, {"monitor": self.monitor, "value": value,
+                                          "epoch": epoch, "stage": self.stage})
+
+
+class HistoryCSV(keras.callbacks.Callback):
+  """history.csv: one row per epoch of both stages, with `stage` and a continuous `epoch`.
+
+  Rewritten whole each epoch (non-local files cannot be appended to); a resumed
+  run replaces rows from the epochs it repeats."""
+
+  def __init__(self, path, stage, write=True):
+    super().__init__()
+    self.path, self.stage, self.write = path, stage, write
+
+  def _read(self):
+    if not tf.io.gfile.exists(self.path):
+      return []
+    with tf.io.gfile.GFile(self.path, "r") as f:
+      return list(csv.DictReader(f))
+
+  def on_epoch_end(self, epoch, logs=None):
+    if not self.write:
+      return
+    row = {"stage": self.stage, "epoch": epoch,
+           "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
+    row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+    rows = [r for r in self._read() if int(r["epoch"]) < epoch] + [row]
+    columns = list(dict.fromkeys(["stage", "epoch", *(k for r in rows for k in r)]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_atomic(self.path, out.getvalue())

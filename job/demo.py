@@ -1,0 +1,67 @@
+r"""The offline demo: synthetic HAM10000 → shards → both stages → test metrics.
+
+  python -m job.demo
+
+Runs in a few minutes on two CPU cores with no network: a synthetic dataset
+(HAM10000's layout, imbalance and lesion structure; tfrecords/synthetic.py),
+a lesion-aware conversion at 64×64, ResNet-50 from random initialisation
+(ImageNet weights cannot be downloaded offline), and an evaluation that puts
+the balanced accuracy beside the always-`nv` baseline. The artifacts land in
+artifacts/, where the seed's inference example reads them.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from job import config as config_lib, train
+from tfrecords import convert, fileio, sources, synthetic
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("work_dir", "demo_output", "Where the synthetic images and shards go.")
+flags.DEFINE_string("model_dir", "artifacts", "Where the artifacts go (replaced if it holds an earlier run).")
+flags.DEFINE_integer("num_images", 800, "Synthetic images.")
+flags.DEFINE_integer("image_size", 64, "Training image size.")
+flags.DEFINE_integer("stage1_epochs", 5, "Head epochs.")
+flags.DEFINE_integer("stage2_epochs", 5, "Fine-tuning epochs.")
+flags.DEFINE_integer("global_batch_size", 16, "Batch size.")
+flags.DEFINE_float("stage1_lr", 1e-3, "Stage 1 learning rate (random features learn slower than "
+                   "ImageNet's, so the demo starts higher than the job's 1e-4).")
+flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
+
+
+def prepare_data(work_dir: str, num_images: int, image_size: int, seed: int) -> str:
+  images_dir = os.path.join(work_dir, "ham10000")
+  shards_dir = os.path.join(work_dir, f"shards_{image_size}")
+  if not os.path.exists(os.path.join(images_dir, synthetic.METADATA_FILE)):
+    synthetic.write_dataset(images_dir, num_images=num_images, seed=seed, workers=os.cpu_count() or 1)
+  source = sources.open_source(images_dir)
+  settings = convert.Settings(source=images_dir, image_size=image_size, seed=seed)
+  convert.convert(source, shards_dir, settings, workers=os.cpu_count() or 1)
+  return shards_dir
+
+
+def main(argv):
+  del argv
+  if fileio.tf.io.gfile.exists(fileio.join(FLAGS.model_dir, "run_config.json")):
+    logging.info("replacing the earlier run in %s", FLAGS.model_dir)
+    fileio.remove_if_exists(FLAGS.model_dir)
+  shards_dir = prepare_data(FLAGS.work_dir, FLAGS.num_images, FLAGS.image_size, FLAGS.seed)
+  cfg = config_lib.TrainConfig(
+      data_dir=shards_dir, model_dir=FLAGS.model_dir, weights="none", image_size=FLAGS.image_size,
+      global_batch_size=FLAGS.global_batch_size, stage1_epochs=FLAGS.stage1_epochs,
+      stage2_epochs=FLAGS.stage2_epochs, stage1_lr=FLAGS.stage1_lr, mixed_precision="off",
+      seed=FLAGS.seed)
+  metrics = train.run(cfg)
+  baselines = metrics["baselines"]
+  print(f"\nTest split ({metrics['num_images']} images of {metrics['num_lesions']} lesions, "
+        "synthetic data):")
+  print(f"  balanced accuracy {metrics['balanced_accuracy']:.3f}   "
+        f"(always-nv {baselines['always_nv_balanced_accuracy']:.3f})")
+  print(f"  accuracy          {metrics['accuracy']:.3f}   (always-nv {baselines['always_nv_accuracy']:.3f})")
+  print(f"  macro F1          {metrics['macro_f1']:.3f}")
+  print(f"Artifacts: {os.path.abspath(FLAGS.model_dir) if fileio.is_local(FLAGS.model_dir) else FLAGS.model_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

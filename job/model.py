@@ -1,0 +1,96 @@
+"""The two models: the inner classifier that is saved, and the training wrapper.
+
+inner model (what `best_model.keras` holds, input preprocessed as the seed's
+inference example feeds it, any image size):
+  ResNet-50 (no top, BatchNorm in inference mode) → GlobalAveragePooling →
+  Dropout(0.3) → Dense(7, softmax, float32)
+
+training wrapper (never saved as a model; runs on the accelerator):
+  uint8 → float → random flip / rotation / zoom / contrast (in 0-255 space:
+  RandomContrast clips to its value range) → preprocess_input → inner model
+"""
+
+import keras
+import tensorflow as tf
+
+from tfrecords import features, fileio
+
+BACKBONE_NAME = "resnet50"
+
+
+@keras.saving.register_keras_serializable(package="ham10000")
+class ResNetPreprocess(keras.layers.Layer):
+  """keras.applications.resnet50.preprocess_input ("caffe": RGB→BGR, ImageNet mean, no scaling)."""
+
+  def call(self, inputs):
+    return keras.applications.resnet50.preprocess_input(inputs)
+
+
+def build_backbone(weights: str) -> keras.Model:
+  """ResNet-50 without its top. weights: "imagenet", "none", or a local or gs:// weights file."""
+  if weights not in ("imagenet", "none") and not tf.io.gfile.exists(weights):
+    raise FileNotFoundError(f"--weights={weights}: no such file (expected imagenet, none, or a "
+                            "ResNet-50 no-top weights file, local or gs://)")
+  # "imagenet": Keras downloads the weights once and caches them in ~/.keras.
+  backbone = keras.applications.ResNet50(include_top=False, input_shape=(None, None, 3),
+                                         weights="imagenet" if weights == "imagenet" else None,
+                                         name=BACKBONE_NAME)
+  if weights not in ("imagenet", "none"):
+    backbone.load_weights(fileio.copy_to_local(weights))  # h5py opens local files only
+  return backbone
+
+
+def build_inner_model(weights: str = "none", dropout: float = 0.3) -> keras.Model:
+  backbone = build_backbone(weights)
+  inputs = keras.Input((None, None, 3), name="image")
+  x = backbone(inputs, training=False)  # BatchNorm stays in inference mode in both stages
+  x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+  x = keras.layers.Dropout(dropout, name="dropout")(x)
+  outputs = keras.layers.Dense(features.NUM_CLASSES, activation="softmax", dtype="float32",
+                               name="probabilities")(x)
+  return keras.Model(inputs, outputs, name="ham10000_resnet50")
+
+
+def build_training_model(inner: keras.Model, image_size: int, seed: int = 0) -> keras.Model:
+  inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image_uint8")
+  x = keras.ops.cast(inputs, "float32")  # layers below cast on to the policy's compute dtype
+  augment = keras.Sequential([
+      keras.layers.RandomFlip("horizontal", seed=seed),
+      keras.layers.RandomRotation(0.1, seed=seed + 1),
+      keras.layers.RandomZoom(0.1, seed=seed + 2),
+      keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+  ], name="augment")
+  x = augment(x)
+  x = ResNetPreprocess(name="preprocess")(x)
+  outputs = inner(x)
+  return keras.Model(inputs, outputs, name="training_wrapper")
+
+
+def backbone_of(inner: keras.Model) -> keras.Model:
+  return inner.get_layer(BACKBONE_NAME)
+
+
+def set_trainable_for_stage(inner: keras.Model, stage: int, fine_tune_layers: int = 50):
+  """Stage 1: only the head trains. Stage 2: also the top `fine_tune_layers` backbone
+  layers, BatchNorm excepted (its statistics stay ImageNet's). Recompile afterwards."""
+  backbone = backbone_of(inner)
+  backbone.trainable = stage == 2
+  if stage == 2:
+    cut = len(backbone.layers) - fine_tune_layers
+    for index, layer in enumerate(backbone.layers):
+      layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def float32_copy(inner: keras.Model) -> keras.Model:
+  """The inner model rebuilt under float32 with the same weights, for saving: a model
+  trained under mixed precision then runs at full speed and precision on any CPU."""
+  if inner.dtype_policy.name == "float32":
+    return inner
+  policy = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("float32")
+  try:
+    copy = build_inner_model("none", dropout=inner.get_layer("dropout").rate)
+  finally:
+    keras.mixed_precision.set_global_policy(policy)
+  copy.set_weights(inner.get_weights())
+  return copy

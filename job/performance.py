@@ -1,0 +1,24 @@
+"""Mixed precision: which Keras dtype policy a run uses."""
+
+import keras
+import tensorflow as tf
+
+MIXED_PRECISION = ("auto", "float16", "bfloat16", "off")
+
+
+def policy_name(mode: str, strategy_name: str) -> str:
+  """auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs, float32 elsewhere.
+
+  On CPU float32 stays the default: mixed_bfloat16 is faster only on CPUs with
+  bf16 instructions (AVX512-BF16/AMX), and mixed_float16 is several times slower.
+  """
+  if mode == "auto":
+    if strategy_name == "tpu":
+      return "mixed_bfloat16"
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+  return {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16", "off": "float32"}[mode]
+
+
+def set_policy(name: str):
+  # Keras 3 wraps the optimizer in a LossScaleOptimizer itself under mixed_float16.
+  keras.mixed_precision.set_global_policy(name)

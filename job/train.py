@@ -1,0 +1,219 @@
+r"""The training job: ResNet-50 on HAM10000 shards, in two stages.
+
+  python -m job.train --data_dir=gs://bucket/shards --model_dir=gs://bucket/run1
+
+Stage 1 trains the head on a frozen backbone; stage 2 unfreezes the top
+layers at a lower rate. A finished stage leaves a marker and its weights in
+checkpoints/, and BackupAndRestore keeps the unfinished one, so a restarted
+job skips what is done and resumes mid-stage.
+"""
+
+import dataclasses
+import hashlib
+import math
+import platform
+import sys
+
+import keras
+import numpy as np
+import sklearn
+import tensorflow as tf
+from absl import app, flags, logging
+
+from job import callbacks as callbacks_lib
+from job import config as config_lib
+from job import data, distribute_utils, evaluate as evaluate_lib, model as model_lib, performance
+from tfrecords import features, fileio
+
+DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
+
+
+@dataclasses.dataclass
+class Run:
+  """What both stages share."""
+  config: config_lib.TrainConfig
+  strategy: tf.distribute.Strategy
+  inner: keras.Model
+  wrapper: keras.Model
+  train: tf.data.Dataset
+  validation: tf.data.Dataset
+  steps_per_epoch: int
+  model_dir: str  # where this worker writes (a temporary folder on non-chief workers)
+  chief: bool
+
+  def path(self, *parts):
+    return fileio.join(self.model_dir, *parts)
+
+  def checkpoint_path(self, *parts):
+    root = self.config.checkpoint_root if self.chief else self.model_dir
+    return fileio.join(root, "checkpoints", *parts)
+
+
+def monitor_mode(monitor: str) -> str:
+  return "min" if monitor.endswith("loss") else "max"
+
+
+def compile_for_stage(run: Run, learning_rate: float):
+  """(Re)compiles the wrapper: needed after changing `trainable`."""
+  with run.strategy.scope():
+    run.wrapper.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.F1Score(average="macro", name="f1")],
+        jit_compile=run.config.jit_compile,
+        steps_per_execution=run.config.steps_per_execution,
+        run_eagerly=run.config.run_eagerly)
+
+
+def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
+  cfg = run.config
+  mode = monitor_mode(cfg.monitor)
+  backup = fileio.join(cfg.checkpoint_root if run.chief else run.model_dir, "backup", f"stage{stage}")
+  if not run.chief:
+    # Workers must not share one BackupAndRestore folder (h5 file locks).
+    backup += f"-worker{run.strategy.cluster_resolver.task_id}"
+  return [
+      keras.callbacks.BackupAndRestore(backup),
+      callbacks_lib.BestModelCheckpoint(run.inner, run.path(evaluate_lib.BEST_MODEL_FILE),
+                                        run.path("best_model.json"), cfg.monitor, mode, stage,
+                                        write=run.chief),
+      callbacks_lib.HistoryCSV(run.path("history.csv"), stage, write=run.chief),
+      keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience),
+      keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-7),
+      keras.callbacks.TensorBoard(cfg.logs_dir if run.chief else run.path("logs")),
+  ]
+
+
+def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
+  """Fits one stage; returns the next epoch number. Leaves a marker when done."""
+  marker = run.checkpoint_path(f"stage{stage}.json")
+  weights = run.checkpoint_path(f"stage{stage}.weights.h5")
+  if tf.io.gfile.exists(marker):
+    done = fileio.read_json(marker)
+    logging.info("stage %d already finished (epoch %d): loading its weights", stage, done["next_epoch"])
+    run.inner.load_weights(fileio.copy_to_local(weights))
+    return done["next_epoch"]
+  if epochs == 0:
+    return initial_epoch
+  history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=run.steps_per_epoch, validation_data=run.validation,
+                            callbacks=stage_callbacks(run, stage), verbose=2)
+  next_epoch = (max(history.epoch) + 1) if history.epoch else initial_epoch + epochs
+  if run.chief:
+    with fileio.local_copy_then_upload(weights, ".weights.h5") as tmp:
+      run.inner.save_weights(tmp)
+    fileio.write_json(marker, {"stage": stage, "next_epoch": next_epoch})  # after the weights
+  return next_epoch
+
+
+def train_head(run: Run, initial_epoch: int = 0) -> int:
+  """Stage 1: the backbone is frozen; only the new head learns."""
+  model_lib.set_trainable_for_stage(run.inner, stage=1)
+  compile_for_stage(run, run.config.stage1_lr)
+  return fit_stage(run, 1, run.config.stage1_epochs, initial_epoch)
+
+
+def fine_tune(run: Run, initial_epoch: int) -> int:
+  """Stage 2: the top layers of the backbone learn too, at a lower rate."""
+  model_lib.set_trainable_for_stage(run.inner, stage=2, fine_tune_layers=run.config.fine_tune_layers)
+  compile_for_stage(run, run.config.stage2_lr)
+  return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
+
+
+def _sha256(path: str) -> str:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
+  return {
+      "flags": dataclasses.asdict(cfg),
+      "image_size": cfg.image_size,
+      "seed": cfg.seed,
+      "class_names": list(features.CLASS_NAMES),
+      "strategy": type(strategy).__name__,
+      "num_replicas": strategy.num_replicas_in_sync,
+      "dtype_policy": policy,
+      "manifest_sha256": _sha256(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
+      "command": sys.argv,
+      "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                   "keras": keras.__version__, "numpy": np.__version__,
+                   "scikit-learn": sklearn.__version__},
+  }
+
+
+def preflight(cfg: config_lib.TrainConfig, chief: bool) -> dict:
+  """Fails in seconds, not after an hour of training, when data or model_dir is unusable."""
+  manifest = data.read_manifest(cfg.data_dir)
+  for split in features.SPLITS:
+    for shard in data.split_info(cfg.data_dir, manifest, split).files:
+      if not tf.io.gfile.exists(shard):
+        raise FileNotFoundError(f"--data_dir={cfg.data_dir}: {shard} listed in manifest.json is missing")
+  if chief:
+    probe = fileio.join(cfg.model_dir, ".write_probe")
+    try:
+      fileio.write_atomic(probe, "ok")
+      tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+      raise PermissionError(f"--model_dir={cfg.model_dir} is not writable: {e}") from e
+  return manifest
+
+
+def run(cfg: config_lib.TrainConfig) -> dict:
+  """Trains both stages and evaluates; returns the test metrics (or {})."""
+  if cfg.cpu_devices:
+    distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
+  strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)
+  strategy_name = distribute_utils.resolve_strategy_name(cfg.strategy)
+  policy = performance.policy_name(cfg.mixed_precision, strategy_name)
+  performance.set_policy(policy)
+  keras.utils.set_random_seed(cfg.seed)
+  chief = distribute_utils.is_chief(strategy)
+  manifest = preflight(cfg, chief)
+  model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
+  if chief:
+    fileio.write_json(fileio.join(model_dir, evaluate_lib.RUN_CONFIG_FILE), run_config(cfg, strategy, policy))
+    fileio.write_json(fileio.join(model_dir, "label_map.json"), features.LABEL_MAP)
+
+  train_info = data.split_info(cfg.data_dir, manifest, "train")
+  val_info = data.split_info(cfg.data_dir, manifest, "validation")
+  take_train = DEBUG_TRAIN_EXAMPLES if cfg.debug else None
+  take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
+  num_train = min(train_info.num_examples, take_train or train_info.num_examples)
+  weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
+  drop_remainder = strategy_name == "tpu"  # TPUs need static shapes
+  train = data.build_dataset(train_info, cfg.image_size, cfg.global_batch_size, training=True,
+                             weights=weights, seed=cfg.seed, drop_remainder=drop_remainder, take=take_train)
+  validation = data.build_dataset(val_info, cfg.image_size, cfg.global_batch_size, training=False,
+                                  take=take_eval)
+  steps_per_epoch = max(1, math.ceil(num_train / cfg.global_batch_size))
+  logging.info("train: %d images, %d steps of %d per epoch; class weights %s", num_train,
+               steps_per_epoch, cfg.global_batch_size,
+               None if weights is None else np.round(weights, 2).tolist())
+
+  with strategy.scope():
+    inner = model_lib.build_inner_model(cfg.weights)
+    wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+  state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, model_dir, chief)
+  epoch = train_head(state)
+  fine_tune(state, epoch)
+
+  metrics = {}
+  if cfg.evaluate and chief:
+    metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
+                                    take=take_eval)
+  if not chief:
+    fileio.remove_if_exists(model_dir)
+  logging.info("artifacts in %s", cfg.model_dir)
+  return metrics
+
+
+def main(argv):
+  del argv
+  run(config_lib.config_from_flags())
+
+
+if __name__ == "__main__":
+  config_lib.define_flags()
+  app.run(main)
