@@ -96,6 +96,10 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
     return done["next_epoch"]
   if epochs == 0:
     return initial_epoch
+  # BackupAndRestore sets model._initial_epoch when it restores a backup, and Keras
+  # 3.15 never clears it: without this, stage 2 after a resumed stage 1 would start
+  # at stage 1's resumed epoch instead of `initial_epoch`.
+  run.wrapper._initial_epoch = None  # pylint: disable=protected-access
   history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=run.steps_per_epoch, validation_data=run.validation,
                             callbacks=stage_callbacks(run, stage), verbose=2)

@@ -45,6 +45,10 @@ def local_copy_then_upload(path: str, suffix: str = ""):
       os.replace(tmp, path)
     else:
       tf.io.gfile.makedirs(os.path.dirname(path))
+      if path.startswith("ram://") and tf.io.gfile.exists(path):
+        # TensorFlow's ram:// filesystem (TF 2.21) appends to an existing file rather
+        # than replacing it. GCS replaces an object whole, so only ram:// needs this.
+        tf.io.gfile.remove(path)
       tf.io.gfile.copy(tmp, path, overwrite=True)
   finally:
     if os.path.exists(tmp):

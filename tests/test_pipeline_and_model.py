@@ -1,0 +1,162 @@
+"""Unit tests of the job's plumbing: pipeline, class weights, model stages, strategy choice."""
+
+import hashlib
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job import data, distribute_utils, model as model_lib, performance
+from tfrecords import features
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def manifest(shards_dir):
+  return data.read_manifest(shards_dir)
+
+
+def test_pipeline_shapes_and_dtypes(shards_dir, manifest):
+  info = data.split_info(shards_dir, manifest, "train")
+  weights = data.class_weights(info.class_counts)
+  images, labels, sample_weights = next(iter(
+      data.build_dataset(info, IMAGE_SIZE, 8, training=True, weights=weights)))
+  assert images.dtype == tf.uint8 and images.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert labels.dtype == tf.float32 and labels.shape == (8, 7)
+  assert np.allclose(labels.numpy().sum(axis=1), 1)
+  assert sample_weights.shape == (8,)
+  val = data.build_dataset(data.split_info(shards_dir, manifest, "validation"), IMAGE_SIZE, 8,
+                           training=False)
+  assert sum(int(x.shape[0]) for x, _ in val) == manifest["splits"]["validation"]["num_examples"]
+
+
+def _digest(image) -> str:
+  return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_labels_stay_with_their_images_through_the_shuffled_pipeline(shards_dir, manifest):
+  info = data.split_info(shards_dir, manifest, "train")
+  # Ground truth straight from the shards: image content → label.
+  truth = {}
+  for record in tf.data.TFRecordDataset(info.files):
+    example = features.parse_example(record, [features.IMAGE_ENCODED, features.LABEL])
+    image = data.decode_and_resize(example[features.IMAGE_ENCODED], IMAGE_SIZE).numpy()
+    truth[_digest(image)] = int(example[features.LABEL])
+  weights = data.class_weights(info.class_counts)
+  dataset = data.build_dataset(info, IMAGE_SIZE, 16, training=True, weights=weights, seed=3)
+  seen = 0
+  for images, labels, sample_weights in dataset.take(2 * len(truth) // 16):
+    for image, label, weight in zip(images.numpy(), labels.numpy(), sample_weights.numpy()):
+      expected = truth[_digest(image)]
+      assert np.argmax(label) == expected
+      assert weight == pytest.approx(weights[expected])
+      seen += 1
+  assert seen >= len(truth)
+
+
+def test_class_weights_are_sklearns_balanced():
+  weights = data.class_weights([10, 30, 0, 60, 10, 80, 10])
+  total, present = 200, 6
+  assert weights[0] == pytest.approx(total / (present * 10))
+  assert weights[5] == pytest.approx(total / (present * 80))
+  assert weights[2] == 1.0  # an absent class gets a neutral weight
+  assert weights[0] > weights[1] > weights[3] > weights[5]
+
+
+def test_preprocess_is_caffe_mode():
+  pixel = np.array([[[[255, 0, 10]]]], dtype=np.uint8)
+  out = data.preprocess(pixel).numpy()[0, 0, 0]
+  # RGB→BGR, then minus the ImageNet BGR mean; no scaling to [-1, 1].
+  assert out == pytest.approx([10 - 103.939, 0 - 116.779, 255 - 123.68])
+
+
+@pytest.fixture(scope="module")
+def inner():
+  return model_lib.build_inner_model("none")
+
+
+def test_inner_model_structure(inner):
+  assert inner.input_shape == (None, None, None, 3)  # any image size, the seed's 224 included
+  assert inner.output_shape == (None, 7)
+  assert [l.name for l in inner.layers[1:]] == ["resnet50", "avg_pool", "dropout", "probabilities"]
+  assert inner.get_layer("dropout").rate == 0.3
+  assert inner.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
+  assert inner(np.zeros((1, 224, 224, 3), np.float32)).shape == (1, 7)
+
+
+def test_stage_trainability(inner):
+  backbone = model_lib.backbone_of(inner)
+  model_lib.set_trainable_for_stage(inner, stage=1)
+  assert [w.path for w in inner.trainable_weights] == ["probabilities/kernel", "probabilities/bias"]
+  model_lib.set_trainable_for_stage(inner, stage=2, fine_tune_layers=50)
+  top = backbone.layers[-50:]
+  for layer in backbone.layers:
+    expected = layer in top and not isinstance(layer, keras.layers.BatchNormalization)
+    assert layer.trainable == expected, layer.name
+  assert any(isinstance(l, keras.layers.BatchNormalization) for l in top)
+  trainable_backbone = [w for w in inner.trainable_weights if not w.path.startswith("probabilities")]
+  assert trainable_backbone and all("_bn" not in w.path for w in trainable_backbone)
+  model_lib.set_trainable_for_stage(inner, stage=1)
+
+
+def test_backbone_batchnorm_stays_in_inference_mode(inner):
+  bn = next(l for l in model_lib.backbone_of(inner).layers if isinstance(l, keras.layers.BatchNormalization))
+  model_lib.set_trainable_for_stage(inner, stage=2)
+  before = bn.moving_mean.numpy().copy()
+  inner(np.random.uniform(-100, 100, (2, 32, 32, 3)).astype(np.float32), training=True)
+  assert np.array_equal(before, bn.moving_mean.numpy())
+  model_lib.set_trainable_for_stage(inner, stage=1)
+
+
+def test_training_wrapper_takes_uint8_and_augments_only_in_training(inner):
+  wrapper = model_lib.build_training_model(inner, IMAGE_SIZE)
+  images = np.random.randint(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+  inference = wrapper(images, training=False).numpy()
+  expected = inner(data.preprocess(images), training=False).numpy()
+  assert np.allclose(inference, expected, atol=1e-5)  # wrapper = preprocess + inner, nothing else
+  augment = wrapper.get_layer("augment")
+  assert not np.allclose(augment(images.astype(np.float32), training=True), images)
+
+
+def test_weights_file_is_loaded(tmp_path):
+  backbone = model_lib.build_backbone("none")
+  path = str(tmp_path / "resnet50_notop.weights.h5")
+  backbone.save_weights(path)
+  loaded = model_lib.build_backbone(path)
+  assert all(np.array_equal(a, b) for a, b in zip(backbone.get_weights(), loaded.get_weights()))
+  with pytest.raises(FileNotFoundError, match="--weights=/nowhere.h5"):
+    model_lib.build_backbone("/nowhere.h5")
+
+
+def test_float32_copy_for_saving_after_mixed_precision():
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    mixed = model_lib.build_inner_model("none")
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert mixed.get_layer("avg_pool").dtype_policy.name == "mixed_bfloat16"
+  copy = model_lib.float32_copy(mixed)
+  assert copy.get_layer("avg_pool").dtype_policy.name == "float32"
+  assert all(np.array_equal(a, b) for a, b in zip(mixed.get_weights(), copy.get_weights()))
+
+
+def test_strategy_choice(monkeypatch):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  assert distribute_utils.resolve_strategy_name("auto") == "one_device"  # no GPU, no TPU here
+  cluster = {"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+             "task": {"type": "worker", "index": 0}}
+  monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
+  assert distribute_utils.resolve_strategy_name("auto") == "multi_worker"
+  assert distribute_utils.resolve_strategy_name("mirrored") == "mirrored"
+  assert isinstance(distribute_utils.get_strategy("one_device"), tf.distribute.OneDeviceStrategy)
+
+
+def test_mixed_precision_policy_choice():
+  assert performance.policy_name("auto", "tpu") == "mixed_bfloat16"
+  assert performance.policy_name("auto", "one_device") == "float32"  # this machine has no GPU
+  assert performance.policy_name("float16", "mirrored") == "mixed_float16"
+  assert performance.policy_name("off", "tpu") == "float32"

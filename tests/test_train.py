@@ -1,0 +1,190 @@
+"""The training job end to end: one shared run on ram://, mirrored, kill-and-resume, the demo."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from sklearn import metrics as skm
+
+from conftest import REPO, run_module
+from job import config as config_lib, model as model_lib, train
+from tfrecords import features
+
+SEED_EXAMPLE = os.path.join(os.path.dirname(__file__), "seed_inference_example.py")
+
+
+def copy_tree(src, dst):
+  for directory, _, files in tf.io.gfile.walk(src):
+    relative = directory[len(src):].lstrip("/")
+    tf.io.gfile.makedirs(os.path.join(dst, relative))
+    for name in files:
+      tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", os.path.join(dst, relative, name), overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+  """A ResNet-50 no-top weights file made here (ImageNet's cannot be downloaded offline)."""
+  path = str(tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5")
+  keras.utils.set_random_seed(7)
+  model_lib.build_backbone("none").save_weights(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(shards_dir, weights_file, tmp_path_factory):
+  """One small run of both stages with every artifact written to ram://, then copied out."""
+  cfg = config_lib.TrainConfig(data_dir=shards_dir, model_dir="ram://trained_run", weights=weights_file,
+                               image_size=32, global_batch_size=16, stage1_epochs=2, stage2_epochs=1,
+                               stage1_lr=1e-3, mixed_precision="off", strategy="one_device")
+  metrics = train.run(cfg)
+  local = str(tmp_path_factory.mktemp("trained_run"))
+  copy_tree("ram://trained_run", local)
+  return metrics, local
+
+
+def test_artifacts_are_written_to_a_non_local_model_dir(trained_run):
+  _, run_dir = trained_run
+  for name in ("best_model.keras", "label_map.json", "history.csv", "run_config.json", "metrics.json",
+               "predictions.csv", "checkpoints/stage1.json", "checkpoints/stage2.json"):
+    assert os.path.exists(os.path.join(run_dir, name)), name
+  assert any("events.out.tfevents" in f for _, _, files in os.walk(os.path.join(run_dir, "logs"))
+             for f in files)
+  assert json.load(open(os.path.join(run_dir, "label_map.json"))) == features.LABEL_MAP
+
+
+def test_history_spans_both_stages_with_continuous_epochs(trained_run):
+  _, run_dir = trained_run
+  history = pd.read_csv(os.path.join(run_dir, "history.csv"))
+  assert history["epoch"].tolist() == [0, 1, 2]
+  assert history["stage"].tolist() == [1, 1, 2]
+  assert history["learning_rate"].iloc[-1] == pytest.approx(2e-5)
+  for column in ("loss", "accuracy", "f1", "val_loss", "val_accuracy", "val_f1"):
+    assert history[column].notna().all(), column
+  best = json.load(open(os.path.join(run_dir, "best_model.json")))
+  assert best["value"] == pytest.approx(history["val_f1"].max())  # best carried across stages
+  assert best["epoch"] == history["epoch"][history["val_f1"].idxmax()]
+
+
+def test_run_config_records_what_a_reader_needs(trained_run, shards_dir):
+  import hashlib
+  _, run_dir = trained_run
+  config = json.load(open(os.path.join(run_dir, "run_config.json")))
+  assert config["image_size"] == 32 and config["flags"]["global_batch_size"] == 16
+  assert config["versions"]["tensorflow"] == tf.__version__
+  manifest = open(os.path.join(shards_dir, "manifest.json"), "rb").read()
+  assert config["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+
+
+def test_best_model_is_the_plain_inner_model(trained_run):
+  _, run_dir = trained_run
+  model = keras.saving.load_model(os.path.join(run_dir, "best_model.keras"), safe_mode=True)
+  assert model.name == "ham10000_resnet50"
+  assert model.input_shape == (None, None, None, 3)
+  assert model.get_layer("avg_pool").dtype_policy.name == "float32"
+  probabilities = model.predict(np.zeros((2, 224, 224, 3), np.float32), verbose=0)
+  assert probabilities.shape == (2, 7) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_seed_inference_example_runs_verbatim(trained_run, synthetic_dir, tmp_path):
+  _, run_dir = trained_run
+  image = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
+  script = open(SEED_EXAMPLE).read().replace("{model_dir}", run_dir).replace("{image_path}", image)
+  (tmp_path / "example.py").write_text(script)
+  result = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  label, probability = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+  assert label in features.CLASS_NAMES and 0 <= probability <= 1
+
+
+def test_metrics_match_scikit_learn_on_predictions(trained_run):
+  metrics, run_dir = trained_run
+  predictions = pd.read_csv(os.path.join(run_dir, "predictions.csv"))
+  written = json.load(open(os.path.join(run_dir, "metrics.json")))
+  assert written["balanced_accuracy"] == pytest.approx(
+      skm.balanced_accuracy_score(predictions["label"], predictions["prediction"]))
+  assert written["macro_f1"] == pytest.approx(
+      skm.f1_score(predictions["label"], predictions["prediction"], average="macro",
+                   labels=list(features.CLASS_NAMES), zero_division=0))
+  assert written["baselines"]["always_nv_accuracy"] == pytest.approx((predictions["label"] == "nv").mean())
+  probabilities = predictions[[f"p_{c}" for c in features.CLASS_NAMES]].to_numpy()
+  assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+  assert (np.asarray(features.CLASS_NAMES)[probabilities.argmax(axis=1)] == predictions["prediction"]).all()
+  assert metrics["balanced_accuracy"] == written["balanced_accuracy"]
+
+
+def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
+  model_dir = tmp_path / "mirrored"
+  run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored",
+             "--cpu_devices=2", "--weights=none", "--image_size=32", "--global_batch_size=16",
+             "--stage1_epochs=1", "--stage2_epochs=1", "--debug")
+  config = json.load(open(model_dir / "run_config.json"))
+  assert config["strategy"] == "MirroredStrategy" and config["num_replicas"] == 2
+  assert pd.read_csv(model_dir / "history.csv")["stage"].tolist() == [1, 2]
+  assert (model_dir / "best_model.keras").exists() and (model_dir / "metrics.json").exists()
+
+
+def _wait_for_epoch(history, epoch, process, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if history.exists() and epoch in pd.read_csv(history)["epoch"].tolist():
+      return
+    assert process.poll() is None, "training ended before it could be killed"
+    time.sleep(0.1)
+  raise TimeoutError(f"epoch {epoch} never finished")
+
+
+def test_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
+  model_dir = tmp_path / "resumed"
+  args = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
+          "--weights=none", "--image_size=32", "--global_batch_size=8", "--stage1_epochs=2",
+          "--stage2_epochs=2", "--strategy=one_device", "--noevaluate"]
+  history = model_dir / "history.csv"
+
+  def start(log):
+    return subprocess.Popen(args, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+  first = start(tmp_path / "first.log")
+  _wait_for_epoch(history, 0, first)
+  first.send_signal(signal.SIGKILL)  # mid-stage 1
+  first.wait()
+  row0 = pd.read_csv(history).iloc[0].to_dict()
+
+  second = start(tmp_path / "second.log")
+  _wait_for_epoch(history, 2, second)
+  second.send_signal(signal.SIGKILL)  # mid-stage 2
+  second.wait()
+  log = open(tmp_path / "second.log").read()
+  assert "Epoch 2/2" in log and "Epoch 1/2" not in log  # stage 1 resumed at its second epoch
+
+  third = start(tmp_path / "third.log")
+  assert third.wait(timeout=600) == 0
+  log = open(tmp_path / "third.log").read()
+  assert "stage 1 already finished" in log
+  assert "Epoch 4/4" in log and "Epoch 3/4" not in log  # stage 2 resumed at its second epoch
+  final = pd.read_csv(history)
+  assert final["epoch"].tolist() == [0, 1, 2, 3] and final["stage"].tolist() == [1, 1, 2, 2]
+  assert final.iloc[0].to_dict() == row0
+
+
+def test_bad_flags_and_data_dir_fail_fast_with_a_clear_message(tmp_path):
+  result = run_module("job.train", f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'm'}", check=False)
+  assert result.returncode != 0 and "no manifest.json" in result.stderr and str(tmp_path) in result.stderr
+  result = run_module("job.train", check=False)
+  assert result.returncode != 0 and "--data_dir" in result.stderr
+
+
+def test_demo_runs_and_reports_against_the_baseline(tmp_path):
+  result = run_module("job.demo", f"--work_dir={tmp_path / 'work'}", f"--model_dir={tmp_path / 'artifacts'}",
+                      "--num_images=300", "--image_size=32", "--stage1_epochs=1", "--stage2_epochs=1")
+  assert "balanced accuracy" in result.stdout and "(always-nv 0.143)" in result.stdout
+  assert (tmp_path / "artifacts" / "best_model.keras").exists()
