@@ -45,6 +45,8 @@ def define_flags():
                     "for a quick run on one GPU or CPU.")
   flags.DEFINE_bool("run_eagerly", False, "Run the model eagerly (slow; for debugging).")
   flags.DEFINE_bool("evaluate", True, "Evaluate the best model on the test split at the end.")
+  flags.DEFINE_string("export_dir", None, "Also write a serving SavedModel (JPEG bytes in, "
+                      "calibrated probabilities out) here at the end.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainConfig:
   debug: bool = False
   run_eagerly: bool = False
   evaluate: bool = True
+  export_dir: str | None = None
 
   @property
   def checkpoint_root(self) -> str:

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 
 from job import callbacks as callbacks_lib
 from job import config as config_lib
-from job import data, distribute_utils, evaluate as evaluate_lib, model as model_lib, performance
+from job import data, distribute_utils, evaluate as evaluate_lib, model as model_lib, performance, predict
 from tfrecords import features, fileio
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
@@ -53,17 +53,18 @@ def monitor_mode(monitor: str) -> str:
   return "min" if monitor.endswith("loss") else "max"
 
 
-def compile_for_stage(run: Run, learning_rate: float):
+def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: config_lib.TrainConfig,
+                  learning_rate: float):
   """(Re)compiles the wrapper: needed after changing `trainable`."""
-  with run.strategy.scope():
-    run.wrapper.compile(
+  with strategy.scope():
+    wrapper.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                  keras.metrics.F1Score(average="macro", name="f1")],
-        jit_compile=run.config.jit_compile,
-        steps_per_execution=run.config.steps_per_execution,
-        run_eagerly=run.config.run_eagerly)
+        jit_compile=cfg.jit_compile,
+        steps_per_execution=cfg.steps_per_execution,
+        run_eagerly=cfg.run_eagerly)
 
 
 def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
@@ -114,14 +115,14 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
 def train_head(run: Run, initial_epoch: int = 0) -> int:
   """Stage 1: the backbone is frozen; only the new head learns."""
   model_lib.set_trainable_for_stage(run.inner, stage=1)
-  compile_for_stage(run, run.config.stage1_lr)
+  compile_model(run.wrapper, run.strategy, run.config, run.config.stage1_lr)
   return fit_stage(run, 1, run.config.stage1_epochs, initial_epoch)
 
 
 def fine_tune(run: Run, initial_epoch: int) -> int:
   """Stage 2: the top layers of the backbone learn too, at a lower rate."""
   model_lib.set_trainable_for_stage(run.inner, stage=2, fine_tune_layers=run.config.fine_tune_layers)
-  compile_for_stage(run, run.config.stage2_lr)
+  compile_model(run.wrapper, run.strategy, run.config, run.config.stage2_lr)
   return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
 
 
@@ -204,9 +205,13 @@ def run(cfg: config_lib.TrainConfig) -> dict:
   fine_tune(state, epoch)
 
   metrics = {}
+  # Evaluation runs on the chief alone, outside the strategy: no collective step
+  # for the other workers to wait on.
   if cfg.evaluate and chief:
     metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
                                     take=take_eval)
+  if cfg.export_dir and chief:
+    predict.export_serving(*predict.load_for_inference(model_dir), cfg.export_dir)
   if not chief:
     fileio.remove_if_exists(model_dir)
   logging.info("artifacts in %s", cfg.model_dir)

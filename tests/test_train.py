@@ -16,7 +16,7 @@ import tensorflow as tf
 from sklearn import metrics as skm
 
 from conftest import REPO, run_module
-from job import config as config_lib, model as model_lib, train
+from job import config as config_lib, model as model_lib, predict, train
 from tfrecords import features
 
 SEED_EXAMPLE = os.path.join(os.path.dirname(__file__), "seed_inference_example.py")
@@ -54,7 +54,8 @@ def trained_run(shards_dir, weights_file, tmp_path_factory):
 def test_artifacts_are_written_to_a_non_local_model_dir(trained_run):
   _, run_dir = trained_run
   for name in ("best_model.keras", "label_map.json", "history.csv", "run_config.json", "metrics.json",
-               "predictions.csv", "checkpoints/stage1.json", "checkpoints/stage2.json"):
+               "predictions.csv", "calibration.json", "confusion_matrix.png", "training_curves.png",
+               "reliability_diagram.png", "checkpoints/stage1.json", "checkpoints/stage2.json"):
     assert os.path.exists(os.path.join(run_dir, name)), name
   assert any("events.out.tfevents" in f for _, _, files in os.walk(os.path.join(run_dir, "logs"))
              for f in files)
@@ -120,6 +121,55 @@ def test_metrics_match_scikit_learn_on_predictions(trained_run):
   assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
   assert (np.asarray(features.CLASS_NAMES)[probabilities.argmax(axis=1)] == predictions["prediction"]).all()
   assert metrics["balanced_accuracy"] == written["balanced_accuracy"]
+
+
+def test_metrics_json_holds_the_isic_set(trained_run):
+  _, run_dir = trained_run
+  written = json.load(open(os.path.join(run_dir, "metrics.json")))
+  for key in ("balanced_accuracy", "macro_f1", "macro_roc_auc", "accuracy"):
+    ci = written["confidence_intervals_95"][key]
+    assert ci["low"] <= written[key] <= ci["high"], key
+  assert set(written["per_class"]) == set(features.CLASS_NAMES)
+  assert written["melanoma"]["chosen_on"] == "validation"
+  assert set(written["subgroups_balanced_accuracy"]) == {"sex", "age_band", "localization"}
+  temperature = json.load(open(os.path.join(run_dir, "calibration.json")))["temperature"]
+  assert written["calibration"]["temperature"] == temperature > 0
+  assert written["calibration"]["nll"]["after"] <= written["calibration"]["nll"]["before"] + 0.05
+
+
+def test_predict_cli_on_a_file_and_a_folder(trained_run, synthetic_dir, tmp_path):
+  _, run_dir = trained_run
+  folder = os.path.join(synthetic_dir, "HAM10000_images_part_2")
+  one = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
+  few = tmp_path / "few"
+  few.mkdir()
+  for name in sorted(os.listdir(folder))[:3]:
+    os.link(os.path.join(folder, name), few / name)
+  result = run_module("job.predict", f"--model_dir={run_dir}", "--tta", f"--output={tmp_path / 'p.csv'}",
+                      one, str(few))
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 4 and lines[0].startswith("ISIC_0024306.jpg\t")
+  table = pd.read_csv(tmp_path / "p.csv")
+  assert table["label"].isin(features.CLASS_NAMES).all()
+  assert np.allclose(table[[f"p_{c}" for c in features.CLASS_NAMES]].sum(axis=1), 1, atol=1e-5)
+  assert table["top3"].str.split().str.len().eq(3).all()
+
+
+def test_serving_export_round_trip(trained_run, synthetic_dir, tmp_path):
+  _, run_dir = trained_run
+  model, image_size, temperature = predict.load_for_inference(run_dir)
+  export_dir = str(tmp_path / "serving")
+  predict.export_serving(model, image_size, temperature, export_dir)
+  image = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
+  serving = tf.saved_model.load(export_dir).signatures["serving_default"]
+  assert list(serving.structured_input_signature[1]) == ["image_bytes"]
+  out = serving(image_bytes=tf.constant([open(image, "rb").read()] * 2))
+  expected = predict.predict_files(model, [image], image_size, temperature)
+  probabilities = out["probabilities"].numpy()
+  assert probabilities.shape == (2, 7)
+  assert np.allclose(probabilities[0], expected[[f"p_{c}" for c in features.CLASS_NAMES]].iloc[0], atol=1e-4)
+  assert out["label"].numpy()[0].decode() == expected["label"][0]
+  assert [c.decode() for c in out["classes"].numpy()[0]] == list(features.CLASS_NAMES)
 
 
 def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):

@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m bench.NAME` ends with one JSON line of its figures."""

@@ -1,0 +1,68 @@
+r"""Input pipeline throughput: the seed's pipeline against the job's, on the same images.
+
+  python -m bench.pipeline [--num_images=600] [--image_size=224]
+
+(a) the seed's: path list → read_file → decode_jpeg → resize → preprocess_input
+    → batch 32, no cache (parallel map and prefetch, to be generous to it);
+(b) the job's (job/data.py) over the converted shards, first epoch (uncached);
+(c) the same, steady state (served from the uint8 cache).
+All three read the train split's images; tfds.benchmark does the timing.
+"""
+
+import itertools
+import math
+import os
+
+import keras
+import pandas as pd
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+
+from bench import common
+from job import data
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_images", 600, "Synthetic images (the train split gets ~70%).")
+flags.DEFINE_integer("image_size", 224, "Training image size.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("cached_epochs", 5, "Epochs timed from the cache.")
+flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def seed_pipeline(paths, image_size, batch_size):
+  def load(path):
+    image = tf.image.decode_jpeg(tf.io.read_file(path), channels=3)
+    image = tf.image.resize(image, (image_size, image_size))
+    return keras.applications.resnet50.preprocess_input(tf.cast(image, tf.float32))
+  return (tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def examples_per_second(batches, batch_size) -> float:
+  stats = tfds.benchmark(batches, batch_size=batch_size).stats
+  return float(stats.loc["first+lasts", "avg"])
+
+
+def main(argv):
+  del argv
+  images_dir, shards_dir, source = common.prepare(FLAGS.work_dir, FLAGS.num_images)
+  split = pd.read_csv(os.path.join(shards_dir, "split.csv"))
+  train_ids = split["image_id"][split["split"] == "train"]
+  paths = [str(source.images[i]) for i in train_ids]
+  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  steps = math.ceil(info.num_examples / FLAGS.batch_size)
+  logging.info("%d train images, %d batches of %d per epoch", len(paths), steps, FLAGS.batch_size)
+
+  seed = examples_per_second(seed_pipeline(paths, FLAGS.image_size, FLAGS.batch_size), FLAGS.batch_size)
+  ours = iter(data.build_dataset(info, FLAGS.image_size, FLAGS.batch_size, training=True,
+                                 weights=data.class_weights(info.class_counts)))
+  first = examples_per_second(itertools.islice(ours, steps), FLAGS.batch_size)
+  cached = examples_per_second(itertools.islice(ours, steps * FLAGS.cached_epochs), FLAGS.batch_size)
+  common.report({"bench": "pipeline", "images": len(paths), "image_size": FLAGS.image_size,
+                 "seed_img_s": seed, "first_epoch_img_s": first, "cached_img_s": cached,
+                 "first_epoch_vs_seed": first / seed, "cached_vs_seed": cached / seed})
+
+
+if __name__ == "__main__":
+  app.run(main)

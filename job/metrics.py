@@ -1,0 +1,152 @@
+"""The figures a dermatology reader expects, from predicted probabilities.
+
+Everything comes from scikit-learn where it has the metric; ECE and the
+lesion bootstrap are the two written here. Inputs are numpy arrays: `labels`
+(class indices), `probabilities` (N×7), `lesion_ids` (for the bootstrap).
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from tfrecords import features
+
+MEL = features.LABEL_MAP["mel"]
+NV = features.LABEL_MAP["nv"]
+CLASSES = list(range(features.NUM_CLASSES))
+AGE_BANDS = (0, 30, 45, 60, 75, 200)
+
+
+def headline(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+  predictions = probabilities.argmax(axis=1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a resample can miss a class; the metric copes
+    return {
+        "accuracy": skm.accuracy_score(labels, predictions),
+        "balanced_accuracy": skm.balanced_accuracy_score(labels, predictions),
+        "macro_f1": skm.f1_score(labels, predictions, labels=CLASSES, average="macro", zero_division=0),
+        "macro_roc_auc": macro_auc(labels, probabilities),
+    }
+
+
+def macro_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """One-vs-rest ROC AUC averaged over the classes present (with both outcomes)."""
+  aucs = per_class_auc(labels, probabilities)
+  values = [v for v in aucs.values() if v is not None]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def per_class_auc(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float | None]:
+  out = {}
+  for index, name in enumerate(features.CLASS_NAMES):
+    positive = labels == index
+    out[name] = (float(skm.roc_auc_score(positive, probabilities[:, index]))
+                 if 0 < positive.sum() < len(labels) else None)
+  return out
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+  """ECE: |accuracy − confidence| per equal-width confidence bin, weighted by the bin's share."""
+  confidence = probabilities.max(axis=1)
+  correct = probabilities.argmax(axis=1) == labels
+  edges = np.linspace(0, 1, bins + 1)
+  which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+  ece = 0.0
+  for b in range(bins):
+    members = which == b
+    if members.any():
+      ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+  return float(ece)
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """Multi-class Brier score: mean over images of Σ_k (p_k − y_k)²."""
+  one_hot = np.eye(probabilities.shape[1])[labels]
+  return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+
+
+def reliability_bins(labels, probabilities, bins: int = 15) -> list[dict]:
+  confidence = probabilities.max(axis=1)
+  correct = probabilities.argmax(axis=1) == labels
+  edges = np.linspace(0, 1, bins + 1)
+  which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+  return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
+           "accuracy": float(correct[which == b].mean()) if (which == b).any() else None,
+           "confidence": float(confidence[which == b].mean()) if (which == b).any() else None}
+          for b in range(bins)]
+
+
+def melanoma_threshold(labels: np.ndarray, probabilities: np.ndarray, specificity: float = 0.90) -> float:
+  """The lowest p(mel) threshold whose specificity on these images is at least `specificity`
+  (so sensitivity is as high as that allows). Chosen on validation, applied to test."""
+  is_mel = labels == MEL
+  if is_mel.all() or not is_mel.any():
+    return 0.5
+  fpr, _, thresholds = skm.roc_curve(is_mel, probabilities[:, MEL])
+  allowed = thresholds[fpr <= 1 - specificity + 1e-9]  # 1 - 0.9 is 0.0999… in floating point
+  return float(min(allowed.min(), 1.0))
+
+
+def melanoma_operating_point(labels, probabilities, threshold: float) -> dict:
+  is_mel = labels == MEL
+  flagged = probabilities[:, MEL] >= threshold
+  return {
+      "threshold": threshold,
+      "sensitivity": float(flagged[is_mel].mean()) if is_mel.any() else None,
+      "specificity": float((~flagged[~is_mel]).mean()) if (~is_mel).any() else None,
+      "num_melanoma": int(is_mel.sum()),
+  }
+
+
+def subgroups(labels, probabilities, metadata: pd.DataFrame) -> dict:
+  """Balanced accuracy and counts per sex, age band and localization."""
+  predictions = probabilities.argmax(axis=1)
+  age = metadata["age"].to_numpy(dtype=float)
+  bands = pd.cut(age, AGE_BANDS, right=False, labels=["<30", "30-44", "45-59", "60-74", "75+"])
+  groups = {
+      "sex": metadata["sex"].replace("", "unknown").to_numpy(),
+      "age_band": np.where(np.isnan(age), "unknown", np.asarray(bands.astype(str))),
+      "localization": metadata["localization"].replace("", "unknown").to_numpy(),
+  }
+  out = {}
+  for name, values in groups.items():
+    out[name] = {}
+    for value in sorted(set(values)):
+      rows = values == value
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        balanced = skm.balanced_accuracy_score(labels[rows], predictions[rows])
+      out[name][str(value)] = {"num_images": int(rows.sum()), "balanced_accuracy": float(balanced),
+                               "classes_present": int(len(set(labels[rows])))}
+  return out
+
+
+def lesion_bootstrap(labels, probabilities, lesion_ids, replicates: int = 1000, seed: int = 0) -> dict:
+  """95% percentile intervals of the headline metrics, resampling lesions (not images):
+  photos of one lesion are not independent, and resampling them apart narrows the CI."""
+  rng = np.random.default_rng(seed)
+  lesions, rows_of = np.unique(lesion_ids, return_inverse=True)
+  members = [np.flatnonzero(rows_of == i) for i in range(len(lesions))]
+  samples = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}
+  for _ in range(replicates):
+    rows = np.concatenate([members[i] for i in rng.integers(0, len(lesions), len(lesions))])
+    for key, value in headline(labels[rows], probabilities[rows]).items():
+      samples[key].append(value)
+  return {key: {"low": float(np.nanpercentile(v, 2.5)), "high": float(np.nanpercentile(v, 97.5))}
+          for key, v in samples.items()} | {"replicates": replicates, "unit": "lesion", "seed": seed}
+
+
+def baselines(labels: np.ndarray) -> dict:
+  always_nv = np.full_like(labels, NV)
+  return {"always_nv_accuracy": float(skm.accuracy_score(labels, always_nv)),
+          "always_nv_balanced_accuracy": float(skm.balanced_accuracy_score(labels, always_nv))}
+
+
+def per_class_report(labels, probabilities) -> dict:
+  report = skm.classification_report(labels, probabilities.argmax(axis=1), labels=CLASSES,
+                                     target_names=list(features.CLASS_NAMES), output_dict=True,
+                                     zero_division=0)
+  aucs = per_class_auc(labels, probabilities)
+  return {name: {**report[name], "roc_auc": aucs[name]} for name in features.CLASS_NAMES}

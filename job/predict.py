@@ -1,0 +1,127 @@
+r"""Inference on raw JPEGs, and the serving export.
+
+  python -m job.predict --model_dir=artifacts photo.jpg folder/ "gs://bucket/new/*.jpg"
+  python -m job.predict --model_dir=artifacts --tta --output=preds.csv folder/
+  python -m job.predict --model_dir=artifacts --export_dir=gs://bucket/serving/1
+
+Images of any size are resized to the training size from run_config.json and
+preprocessed exactly as in training. Probabilities are temperature-calibrated
+(calibration.json) unless --raw.
+"""
+
+import io
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from absl import app, flags, logging
+
+from job import calibration, data, evaluate
+from tfrecords import features, fileio
+
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+  """Files, folders (their JPEGs) and globs, local or gs://, in a stable order."""
+  out = []
+  for path in paths:
+    if tf.io.gfile.isdir(path):
+      out += sorted(fileio.join(path, n) for n in tf.io.gfile.listdir(path) if n.endswith(JPEG_SUFFIXES))
+    elif any(c in path for c in "*?["):
+      out += sorted(tf.io.gfile.glob(path))
+    elif tf.io.gfile.exists(path):
+      out.append(path)
+    else:
+      raise FileNotFoundError(f"{path}: no such file or folder")
+  return out
+
+
+def load_for_inference(model_dir: str) -> tuple[keras.Model, int, float]:
+  """The best model, its training image size and its temperature (1.0 if not calibrated)."""
+  image_size = fileio.read_json(fileio.join(model_dir, evaluate.RUN_CONFIG_FILE))["image_size"]
+  calibration_path = fileio.join(model_dir, evaluate.CALIBRATION_FILE)
+  temperature = (fileio.read_json(calibration_path)["temperature"]
+                 if tf.io.gfile.exists(calibration_path) else 1.0)
+  return evaluate.load_best_model(model_dir), image_size, temperature
+
+
+def predict_files(model: keras.Model, paths: list[str], image_size: int, temperature: float = 1.0,
+                  tta: bool = False, batch_size: int = 32) -> pd.DataFrame:
+  """Label, probability and top 3 per image, plus every class probability."""
+  def load(path):
+    return data.decode_and_resize(tf.io.read_file(path), image_size)
+
+  dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+  probabilities = []
+  for images in dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+    views = [images]
+    if tta:  # the four flips of each image, averaged
+      views += [tf.image.flip_left_right(images), tf.image.flip_up_down(images),
+                tf.image.flip_up_down(tf.image.flip_left_right(images))]
+    probabilities.append(np.mean([model.predict_on_batch(data.preprocess(v)) for v in views], axis=0))
+  probabilities = calibration.apply_temperature(np.concatenate(probabilities).astype(np.float64), temperature)
+  names = np.asarray(features.CLASS_NAMES)
+  order = np.argsort(-probabilities, axis=1)
+  table = pd.DataFrame({"path": paths, "label": names[order[:, 0]],
+                        "probability": probabilities[np.arange(len(paths)), order[:, 0]],
+                        "top3": [" ".join(f"{names[i]}:{p[i]:.3f}" for i in o[:3])
+                                 for o, p in zip(order, probabilities)]})
+  for index, name in enumerate(names):
+    table[f"p_{name}"] = probabilities[:, index]
+  return table
+
+
+def export_serving(model: keras.Model, image_size: int, temperature: float, export_dir: str):
+  """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities.
+
+  The input is named `image_bytes`: Vertex AI Prediction and TF Serving decode
+  `{"b64": ...}` for an input whose name ends in `_bytes`."""
+  class_names = tf.constant(features.CLASS_NAMES)
+
+  def serve(image_bytes):
+    images = tf.map_fn(lambda b: data.decode_and_resize(b, image_size), image_bytes,
+                       fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
+    probabilities = model(data.preprocess(images), training=False)
+    logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), 1e-12, 1.0))
+    calibrated = tf.nn.softmax(logits / temperature)
+    return {"probabilities": calibrated,
+            "classes": tf.tile(class_names[None], [tf.shape(calibrated)[0], 1]),
+            "label": tf.gather(class_names, tf.argmax(calibrated, axis=1))}
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint("serving_default", serve,
+                       input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  archive.write_out(export_dir)
+
+
+def main(argv):
+  FLAGS = flags.FLAGS
+  model, image_size, temperature = load_for_inference(FLAGS.model_dir)
+  if FLAGS.export_dir:
+    export_serving(model, image_size, temperature, FLAGS.export_dir)
+    logging.info("serving SavedModel written to %s", FLAGS.export_dir)
+  paths = expand_paths(argv[1:])
+  if not paths:
+    if not FLAGS.export_dir:
+      raise app.UsageError("give JPEG files, folders or globs to predict (or --export_dir)")
+    return
+  table = predict_files(model, paths, image_size, 1.0 if FLAGS.raw else temperature, FLAGS.tta)
+  if FLAGS.output:
+    out = io.StringIO()
+    table.to_csv(out, index=False)
+    fileio.write_atomic(FLAGS.output, out.getvalue())
+  for row in table.itertuples():
+    print(f"{os.path.basename(row.path)}\t{row.label}\t{row.probability:.3f}\t{row.top3}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
+  flags.DEFINE_bool("tta", False, "Average the probabilities over the image's four flips.")
+  flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
+  flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
+  flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
+  app.run(main)

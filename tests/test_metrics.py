@@ -1,0 +1,99 @@
+"""Each metric against small cases worked out by hand."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from job import calibration, metrics
+from tfrecords import features
+
+MEL, NV = features.LABEL_MAP["mel"], features.LABEL_MAP["nv"]
+
+
+def one_hot_probabilities(predicted, confidence):
+  """Rows whose argmax is `predicted` with that confidence, the rest spread evenly."""
+  p = np.full((len(predicted), 7), 0.0)
+  for row, (cls, c) in enumerate(zip(predicted, confidence)):
+    p[row] = (1 - c) / 6
+    p[row, cls] = c
+  return p
+
+
+def test_ece_of_an_overconfident_bin():
+  labels = np.array([0, 1, 2, 3])
+  probabilities = one_hot_probabilities([0, 1, 2, 0], [0.9] * 4)  # 3 of 4 right at 0.9
+  assert metrics.expected_calibration_error(labels, probabilities) == pytest.approx(0.15)
+
+
+def test_brier_score():
+  assert metrics.brier_score(np.array([0]), np.eye(7)[[0]]) == 0
+  uniform = np.full((1, 7), 1 / 7)
+  assert metrics.brier_score(np.array([0]), uniform) == pytest.approx((6 / 7) ** 2 + 6 / 49)
+
+
+def test_headline_and_baselines_agree_with_scikit_learn():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 7, 200)
+  probabilities = rng.dirichlet(np.ones(7), 200)
+  result = metrics.headline(labels, probabilities)
+  predictions = probabilities.argmax(axis=1)
+  assert result["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predictions))
+  assert result["macro_f1"] == pytest.approx(skm.f1_score(labels, predictions, average="macro"))
+  assert result["macro_roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probabilities, multi_class="ovr"))
+  base = metrics.baselines(labels)
+  assert base["always_nv_accuracy"] == pytest.approx((labels == NV).mean())
+  assert base["always_nv_balanced_accuracy"] == pytest.approx(1 / 7)
+
+
+def test_melanoma_threshold_is_chosen_for_specificity_then_applied():
+  non_mel = np.linspace(0, 0.9, 10)  # ten benign lesions
+  mel = np.array([0.95, 0.85, 0.5])
+  scores = np.concatenate([non_mel, mel])
+  labels = np.array([NV] * 10 + [MEL] * 3)
+  probabilities = np.zeros((13, 7))
+  probabilities[:, MEL] = scores
+  probabilities[:, NV] = 1 - scores
+  threshold = metrics.melanoma_threshold(labels, probabilities, specificity=0.90)
+  assert threshold == pytest.approx(0.85)  # the 0.9 benign is the one false positive allowed
+  point = metrics.melanoma_operating_point(labels, probabilities, threshold)
+  assert point["sensitivity"] == pytest.approx(2 / 3) and point["specificity"] == pytest.approx(0.9)
+
+
+def test_bootstrap_resamples_whole_lesions_and_is_seeded():
+  labels = np.array([0] * 10 + [1] * 10)
+  probabilities = one_hot_probabilities([0] * 10 + [0] * 10, [0.9] * 20)  # lesion A right, B wrong
+  lesions = np.array(["A"] * 10 + ["B"] * 10)
+  result = metrics.lesion_bootstrap(labels, probabilities, lesions, replicates=200, seed=1)
+  # Drawing whole lesions, accuracy can only be 0, 1/2 or 1; drawing images would give others.
+  assert result["accuracy"]["low"] in (0.0, 0.5, 1.0) and result["accuracy"]["high"] in (0.0, 0.5, 1.0)
+  assert result["accuracy"]["low"] < result["accuracy"]["high"]
+  assert result == metrics.lesion_bootstrap(labels, probabilities, lesions, replicates=200, seed=1)
+  assert result["unit"] == "lesion"
+
+
+def test_subgroups_count_and_score_each_group():
+  labels = np.array([0, 1, 0, 1])
+  probabilities = one_hot_probabilities([0, 1, 1, 1], [0.8] * 4)
+  metadata = pd.DataFrame({"sex": ["male", "male", "female", ""], "age": [20.0, 50.0, np.nan, 80.0],
+                           "localization": ["back", "back", "face", "face"]})
+  groups = metrics.subgroups(labels, probabilities, metadata)
+  assert groups["sex"]["male"] == {"num_images": 2, "balanced_accuracy": 1.0, "classes_present": 2}
+  assert groups["sex"]["unknown"]["num_images"] == 1
+  assert set(groups["age_band"]) == {"<30", "45-59", "75+", "unknown"}
+  assert groups["localization"]["face"]["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def test_temperature_scaling_lowers_nll_on_an_overconfident_model():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 7, 500)
+  predicted = np.where(rng.random(500) < 0.7, labels, (labels + 1) % 7)  # 70% right
+  probabilities = one_hot_probabilities(predicted, [0.99] * 500)  # but 99% sure
+  temperature = calibration.fit_temperature(labels, probabilities)
+  assert temperature > 1
+  calibrated = calibration.apply_temperature(probabilities, temperature)
+  assert (calibration.negative_log_likelihood(labels, calibrated)
+          < calibration.negative_log_likelihood(labels, probabilities))
+  assert (calibrated.argmax(axis=1) == probabilities.argmax(axis=1)).all()  # argmax unchanged
+  assert metrics.expected_calibration_error(labels, calibrated) < metrics.expected_calibration_error(
+      labels, probabilities)
