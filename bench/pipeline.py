@@ -4,9 +4,12 @@ r"""Input pipeline throughput: the seed's pipeline against the job's, on the sam
 
 (a) the seed's: path list → read_file → decode_jpeg → resize → preprocess_input
     → batch 32, no cache (parallel map and prefetch, to be generous to it);
-(b) the job's (job/data.py) over the converted shards, first epoch (uncached);
+(b) the job's (job/data.py) over shards converted at the training size
+    (`tfrecords.convert --image_size`), first epoch (uncached);
 (c) the same, steady state (served from the uint8 cache).
-All three read the train split's images; tfds.benchmark does the timing.
+Also (b) over shards that keep the original 600×450 JPEGs, to show what
+resizing once at conversion buys. All read the same train-split images;
+tfds.benchmark does the timing.
 """
 
 import itertools
@@ -23,7 +26,7 @@ from bench import common
 from job import data
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 600, "Synthetic images (the train split gets ~70%).")
+flags.DEFINE_integer("num_images", 800, "Synthetic images (the train split gets ~70%).")
 flags.DEFINE_integer("image_size", 224, "Training image size.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("cached_epochs", 5, "Epochs timed from the cache.")
@@ -44,24 +47,32 @@ def examples_per_second(batches, batch_size) -> float:
   return float(stats.loc["first+lasts", "avg"])
 
 
+def job_pipeline(shards_dir):
+  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  return info, iter(data.build_dataset(info, FLAGS.image_size, FLAGS.batch_size, training=True,
+                                       weights=data.class_weights(info.class_counts)))
+
+
 def main(argv):
   del argv
-  images_dir, shards_dir, source = common.prepare(FLAGS.work_dir, FLAGS.num_images)
-  split = pd.read_csv(os.path.join(shards_dir, "split.csv"))
-  train_ids = split["image_id"][split["split"] == "train"]
-  paths = [str(source.images[i]) for i in train_ids]
-  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
-  steps = math.ceil(info.num_examples / FLAGS.batch_size)
+  _, resized_dir, source = common.prepare(FLAGS.work_dir, FLAGS.num_images, image_size=FLAGS.image_size)
+  _, original_dir, _ = common.prepare(FLAGS.work_dir, FLAGS.num_images, image_size=0)
+  split = pd.read_csv(os.path.join(resized_dir, "split.csv"))
+  paths = [str(source.images[i]) for i in split["image_id"][split["split"] == "train"]]
+  steps = math.ceil(len(paths) / FLAGS.batch_size)
   logging.info("%d train images, %d batches of %d per epoch", len(paths), steps, FLAGS.batch_size)
 
   seed = examples_per_second(seed_pipeline(paths, FLAGS.image_size, FLAGS.batch_size), FLAGS.batch_size)
-  ours = iter(data.build_dataset(info, FLAGS.image_size, FLAGS.batch_size, training=True,
-                                 weights=data.class_weights(info.class_counts)))
+  _, ours = job_pipeline(resized_dir)
   first = examples_per_second(itertools.islice(ours, steps), FLAGS.batch_size)
   cached = examples_per_second(itertools.islice(ours, steps * FLAGS.cached_epochs), FLAGS.batch_size)
+  _, original = job_pipeline(original_dir)
+  first_original = examples_per_second(itertools.islice(original, steps), FLAGS.batch_size)
   common.report({"bench": "pipeline", "images": len(paths), "image_size": FLAGS.image_size,
                  "seed_img_s": seed, "first_epoch_img_s": first, "cached_img_s": cached,
-                 "first_epoch_vs_seed": first / seed, "cached_vs_seed": cached / seed})
+                 "first_epoch_vs_seed": first / seed, "cached_vs_seed": cached / seed,
+                 "first_epoch_original_jpegs_img_s": first_original,
+                 "first_epoch_original_jpegs_vs_seed": first_original / seed})
 
 
 if __name__ == "__main__":

@@ -54,8 +54,15 @@ def class_weights(class_counts: list[int]) -> np.ndarray:
 def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
   """JPEG → uint8 image_size×image_size, resized with the seed inference's bilinear resize."""
   image = tf.io.decode_jpeg(jpeg, channels=3)
-  image = tf.image.resize(image, (image_size, image_size))
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+  def resize():
+    resized = tf.image.resize(image, (image_size, image_size))
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+  # Shards converted at the training size (`tfrecords.convert --image_size`) skip the resize.
+  shape = tf.shape(image)
+  already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+  return tf.cond(already, lambda: image, resize)
 
 
 def preprocess(images: tf.Tensor) -> tf.Tensor:

@@ -53,13 +53,15 @@ def main(argv):
       stage2_epochs=FLAGS.stage2_epochs, stage1_lr=FLAGS.stage1_lr, mixed_precision="off",
       seed=FLAGS.seed)
   metrics = train.run(cfg)
-  baselines = metrics["baselines"]
+  baselines, ci = metrics["baselines"], metrics["confidence_intervals_95"]
   print(f"\nTest split ({metrics['num_images']} images of {metrics['num_lesions']} lesions, "
-        "synthetic data):")
-  print(f"  balanced accuracy {metrics['balanced_accuracy']:.3f}   "
-        f"(always-nv {baselines['always_nv_balanced_accuracy']:.3f})")
-  print(f"  accuracy          {metrics['accuracy']:.3f}   (always-nv {baselines['always_nv_accuracy']:.3f})")
-  print(f"  macro F1          {metrics['macro_f1']:.3f}")
+        "synthetic data; 95% CI over lesions):")
+  for key, label, baseline in (
+      ("balanced_accuracy", "balanced accuracy", baselines["always_nv_balanced_accuracy"]),
+      ("accuracy", "accuracy", baselines["always_nv_accuracy"]), ("macro_f1", "macro F1", None),
+      ("macro_roc_auc", "macro ROC AUC", None)):
+    print(f"  {label:<18}{metrics[key]:.3f}  ({ci[key]['low']:.3f}-{ci[key]['high']:.3f})"
+          + (f"   always-nv {baseline:.3f}" if baseline is not None else ""))
   print(f"Artifacts: {os.path.abspath(FLAGS.model_dir) if fileio.is_local(FLAGS.model_dir) else FLAGS.model_dir}")
 
 

@@ -1,0 +1,73 @@
+r"""Training throughput on a GPU: mixed_float16, XLA on and off, global batch 64/128/256.
+
+  python -m bench.gpu                 # on a machine with a GPU
+  python -m bench.gpu --smoke         # a tiny CPU run that checks the benchmark itself works
+
+For each configuration: images/s through the job (pipeline + fit), images/s of
+the same compiled model fed one in-memory batch (the bound), and the share of
+step time spent waiting for input, 1 − job/bound. Whether XLA was really on is
+reported too: Keras turns jit_compile off for a model holding RandomRotation or
+RandomZoom, so "xla" runs also measure the model without augmentation.
+Absolute figures hold on a GPU; on a CPU only the ratios mean anything.
+"""
+
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from bench import common
+from bench.train import build, images_per_second
+from job import config as config_lib, data
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("smoke", False, "Tiny CPU run: 32 px, batch 8, float32, one epoch.")
+flags.DEFINE_integer("num_images", 2000, "Synthetic images (converted once at 256 px).")
+flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement, after a warm-up epoch.")
+flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def measure(info, weights, cfg, augment):
+  def pipeline():
+    return data.build_dataset(info, cfg.image_size, cfg.global_batch_size, training=True, weights=weights)
+  steps = max(2, int(np.ceil(info.num_examples / cfg.global_batch_size)))
+  model = build(cfg, augment)
+  job = images_per_second(model, pipeline(), steps, FLAGS.epochs, cfg.global_batch_size)
+  bound_data = tf.data.Dataset.from_tensors(next(iter(pipeline()))).repeat()
+  bound = images_per_second(model, bound_data, steps, FLAGS.epochs, cfg.global_batch_size)
+  return {"job_img_s": job, "bound_img_s": bound, "input_wait_share": max(0.0, 1 - job / bound),
+          "xla_in_effect": bool(model.jit_compile)}
+
+
+def main(argv):
+  del argv
+  gpus = tf.config.list_physical_devices("GPU")
+  if not gpus and not FLAGS.smoke:
+    raise app.UsageError("no GPU visible: run on a GPU machine, or pass --smoke to check the benchmark")
+  image_size, batches, precision = (32, (8,), "off") if FLAGS.smoke else (224, (64, 128, 256), "float16")
+  num_images = 300 if FLAGS.smoke else FLAGS.num_images
+  _, shards_dir, _ = common.prepare(FLAGS.work_dir, num_images, image_size=0 if FLAGS.smoke else 256)
+  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  weights = data.class_weights(info.class_counts)
+  configurations = [(batch, xla, augment) for batch in batches for xla in (False, True)
+                    for augment in ((True,) if not xla else (True, False))]
+  if FLAGS.smoke:
+    configurations = configurations[:1]  # XLA-compiling ResNet-50 on a CPU takes minutes
+  results = []
+  for batch, xla, augment in configurations:
+    cfg = config_lib.TrainConfig(data_dir=shards_dir, image_size=image_size, global_batch_size=batch,
+                                 mixed_precision=precision, jit_compile=xla)
+    row = {"global_batch_size": batch, "xla_requested": xla, "augmentation": augment,
+           **measure(info, weights, cfg, augment)}
+    logging.info("%s", row)
+    results.append(row)
+  best = max(results, key=lambda r: r["job_img_s"])
+  common.report({"bench": "gpu", "device": gpus[0].name if gpus else "cpu (smoke)",
+                 "image_size": image_size, "precision": precision, "results": results,
+                 "best_job_img_s": best["job_img_s"], "best_config": {k: best[k] for k in (
+                     "global_batch_size", "xla_requested", "augmentation")},
+                 "max_input_wait_share": max(r["input_wait_share"] for r in results)})
+
+
+if __name__ == "__main__":
+  app.run(main)

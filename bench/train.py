@@ -1,0 +1,112 @@
+r"""Training throughput through the job against the bound no input pipeline can beat.
+
+  python -m bench.train [--image_size=64] [--epochs=3]
+
+"job": the job's pipeline (job/data.py) feeding the job's training wrapper
+(job/model.py, compiled by job/train.py). "bound": the same compiled model fed
+one in-memory batch over and over. Each is timed over `--epochs` epochs after
+one warm-up epoch (tracing, cache fill), alternately, and the ratio is taken
+pair by pair. Then the same job under variants: mixed_bfloat16,
+steps_per_execution, jit_compile, and the augmentation left out (to see what
+running it in the step costs, and what XLA does when it can be on).
+"""
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from bench import common
+from job import config as config_lib, data, model as model_lib, performance, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_images", 600, "Synthetic images.")
+flags.DEFINE_integer("image_size", 64, "Training image size.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement (after one warm-up epoch).")
+flags.DEFINE_integer("rounds", 2, "job/bound pairs, alternated.")
+flags.DEFINE_bool("variants", True, "Also measure precision, steps_per_execution, XLA, augmentation.")
+flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+class EpochTimer(keras.callbacks.Callback):
+  def on_train_begin(self, logs=None):
+    self.seconds = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self.start)
+
+
+def build(cfg: config_lib.TrainConfig, augment: bool = True) -> keras.Model:
+  performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
+  keras.utils.set_random_seed(cfg.seed)
+  inner = model_lib.build_inner_model("none")
+  wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+  if not augment:
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8")
+    wrapper = keras.Model(inputs, inner(model_lib.ResNetPreprocess()(keras.ops.cast(inputs, "float32"))))
+  model_lib.set_trainable_for_stage(inner, stage=2)  # the heavier stage
+  train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr)
+  return wrapper
+
+
+def images_per_second(model, dataset, steps, epochs, batch_size) -> float:
+  """Median images/s over `epochs` epochs, after one warm-up epoch."""
+  timer = EpochTimer()
+  model.fit(dataset, epochs=epochs + 1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+  return steps * batch_size / float(np.median(timer.seconds[1:]))
+
+
+def main(argv):
+  del argv
+  _, shards_dir, _ = common.prepare(FLAGS.work_dir, FLAGS.num_images)
+  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  weights = data.class_weights(info.class_counts)
+  steps = int(np.ceil(info.num_examples / FLAGS.batch_size))
+  base = config_lib.TrainConfig(data_dir=shards_dir, image_size=FLAGS.image_size, mixed_precision="off",
+                                global_batch_size=FLAGS.batch_size)
+
+  def pipeline():
+    return data.build_dataset(info, FLAGS.image_size, FLAGS.batch_size, training=True, weights=weights)
+
+  model = build(base)
+  one_batch = next(iter(pipeline()))
+  bound_dataset = tf.data.Dataset.from_tensors(one_batch).repeat()  # in memory: costs nothing
+  ratios, job_figures, bound_figures = [], [], []
+  for _ in range(FLAGS.rounds):
+    job_figures.append(images_per_second(model, pipeline(), steps, FLAGS.epochs, FLAGS.batch_size))
+    bound_figures.append(images_per_second(model, bound_dataset, steps, FLAGS.epochs, FLAGS.batch_size))
+    ratios.append(job_figures[-1] / bound_figures[-1])
+  figures = {"bench": "train", "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
+             "job_img_s": float(np.median(job_figures)), "bound_img_s": float(np.median(bound_figures)),
+             "job_vs_bound": float(np.median(ratios))}
+  logging.info("job %.1f img/s, bound %.1f img/s", figures["job_img_s"], figures["bound_img_s"])
+
+  if FLAGS.variants:
+    variants = {
+        "mixed_bfloat16": (dataclasses.replace(base, mixed_precision="bfloat16"), True),
+        "steps_per_execution_8": (dataclasses.replace(base, steps_per_execution=8), True),
+        "no_augmentation": (base, False),
+        "no_augmentation_jit": (dataclasses.replace(base, jit_compile=True), False),
+        "jit_compile_requested": (dataclasses.replace(base, jit_compile=True), True),
+    }
+    reference = figures["job_img_s"]
+    for name, (cfg, augment) in variants.items():
+      variant = build(cfg, augment)
+      speed = images_per_second(variant, pipeline(), steps, FLAGS.epochs, FLAGS.batch_size)
+      figures[f"{name}_vs_float32"] = speed / reference
+      if name == "jit_compile_requested":
+        figures["jit_compile_in_effect_with_augmentation"] = bool(variant.jit_compile)
+      logging.info("%s: %.1f img/s (%.2f× the float32 job)", name, speed, speed / reference)
+    performance.set_policy("float32")
+  common.report(figures)
+
+
+if __name__ == "__main__":
+  app.run(main)

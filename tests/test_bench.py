@@ -1,0 +1,44 @@
+"""The benchmarks run and print their figures (smoke size). Their goals are measured, not asserted."""
+
+import json
+
+import pytest
+
+from conftest import run_module
+
+
+def last_json_line(result):
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("bench"))
+
+
+def test_bench_pipeline(work_dir):
+  figures = last_json_line(run_module("bench.pipeline", f"--work_dir={work_dir}", "--num_images=300",
+                                      "--image_size=32", "--cached_epochs=1"))
+  for key in ("seed_img_s", "first_epoch_img_s", "cached_img_s", "first_epoch_vs_seed", "cached_vs_seed"):
+    assert figures[key] > 0, key
+  assert figures["cached_vs_seed"] == pytest.approx(figures["cached_img_s"] / figures["seed_img_s"], rel=0.01)
+
+
+def test_bench_convert(work_dir):
+  figures = last_json_line(run_module("bench.convert", f"--work_dir={work_dir}", "--num_images=300"))
+  assert figures["one_worker_img_s"] > 0 and figures["two_workers_img_s"] > 0
+  assert figures["speedup_2_vs_1"] == pytest.approx(
+      figures["two_workers_img_s"] / figures["one_worker_img_s"], rel=0.01)
+
+
+def test_bench_train(work_dir):
+  figures = last_json_line(run_module("bench.train", f"--work_dir={work_dir}", "--num_images=300",
+                                      "--image_size=32", "--batch_size=16", "--epochs=1", "--rounds=1",
+                                      "--novariants"))
+  assert figures["job_img_s"] > 0 and figures["bound_img_s"] > 0 and figures["job_vs_bound"] > 0
+
+
+def test_bench_gpu_smoke(work_dir):
+  figures = last_json_line(run_module("bench.gpu", "--smoke", f"--work_dir={work_dir}", "--epochs=1"))
+  row = figures["results"][0]
+  assert row["job_img_s"] > 0 and 0 <= row["input_wait_share"] <= 1
