@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from bench import common
-from bench.train import build, images_per_second
+from bench.training import build, images_per_second
 from job import config as config_lib, data
 
 FLAGS = flags.FLAGS

@@ -12,15 +12,14 @@ running it in the step costs, and what XLA does when it can be on).
 """
 
 import dataclasses
-import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
 from bench import common
-from job import config as config_lib, data, model as model_lib, performance, train
+from bench.training import build, images_per_second
+from job import config as config_lib, data, performance
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 600, "Synthetic images.")
@@ -30,37 +29,6 @@ flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement (after one warm-
 flags.DEFINE_integer("rounds", 2, "job/bound pairs, alternated.")
 flags.DEFINE_bool("variants", True, "Also measure precision, steps_per_execution, XLA, augmentation.")
 flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
-
-
-class EpochTimer(keras.callbacks.Callback):
-  def on_train_begin(self, logs=None):
-    self.seconds = []
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self.start = time.perf_counter()
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.seconds.append(time.perf_counter() - self.start)
-
-
-def build(cfg: config_lib.TrainConfig, augment: bool = True) -> keras.Model:
-  performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
-  keras.utils.set_random_seed(cfg.seed)
-  inner = model_lib.build_inner_model("none")
-  wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
-  if not augment:
-    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8")
-    wrapper = keras.Model(inputs, inner(model_lib.ResNetPreprocess()(keras.ops.cast(inputs, "float32"))))
-  model_lib.set_trainable_for_stage(inner, stage=2)  # the heavier stage
-  train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr)
-  return wrapper
-
-
-def images_per_second(model, dataset, steps, epochs, batch_size) -> float:
-  """Median images/s over `epochs` epochs, after one warm-up epoch."""
-  timer = EpochTimer()
-  model.fit(dataset, epochs=epochs + 1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
-  return steps * batch_size / float(np.median(timer.seconds[1:]))
 
 
 def main(argv):

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import sklearn
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, logging
 
 from job import callbacks as callbacks_lib
 from job import config as config_lib

@@ -1,0 +1,40 @@
+"""Timing training through the job's own model and compile code (bench.train, bench.gpu)."""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job import config as config_lib, model as model_lib, performance, train
+
+
+class EpochTimer(keras.callbacks.Callback):
+  def on_train_begin(self, logs=None):
+    self.seconds = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self.start)
+
+
+def build(cfg: config_lib.TrainConfig, augment: bool = True) -> keras.Model:
+  performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
+  keras.utils.set_random_seed(cfg.seed)
+  inner = model_lib.build_inner_model("none")
+  wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+  if not augment:
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8")
+    wrapper = keras.Model(inputs, inner(model_lib.ResNetPreprocess()(keras.ops.cast(inputs, "float32"))))
+  model_lib.set_trainable_for_stage(inner, stage=2)  # the heavier stage
+  train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr)
+  return wrapper
+
+
+def images_per_second(model, dataset, steps, epochs, batch_size) -> float:
+  """Median images/s over `epochs` epochs, after one warm-up epoch."""
+  timer = EpochTimer()
+  model.fit(dataset, epochs=epochs + 1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+  return steps * batch_size / float(np.median(timer.seconds[1:]))
