@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "gcp": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6"],
-        "test": ["pytest>=8.0"],
+        # The launcher's tests build real CustomJob messages, and the tuning reporter writes
+        # real hypertune metric files.
+        "test": ["pytest>=8.0", "google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6"],
     },
 )

@@ -9,6 +9,7 @@ that write through tfrecords.fileio.
 import csv
 import io
 import math
+import os
 
 import keras
 import tensorflow as tf
@@ -88,3 +89,24 @@ class HistoryCSV(keras.callbacks.Callback):
     writer.writeheader()
     writer.writerows(rows)
     fileio.write_atomic(self.path, out.getvalue())
+
+
+def in_tuning_trial() -> bool:
+  return bool(os.environ.get("CLOUD_ML_TRIAL_ID"))
+
+
+class HypertuneReporter(keras.callbacks.Callback):
+  """Reports `monitor` to Vertex AI hyperparameter tuning when the job runs as a trial.
+
+  Vertex AI sets CLOUD_ML_TRIAL_ID in a tuning trial; cloudml-hypertune writes
+  the figure where the tuning service reads it."""
+
+  def __init__(self, monitor):
+    super().__init__()
+    import hypertune  # pylint: disable=g-import-not-at-top
+    self.monitor, self.reporter = monitor, hypertune.HyperTune()
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.monitor in (logs or {}):
+      self.reporter.report_hyperparameter_tuning_metric(
+          hyperparameter_metric_tag=self.monitor, metric_value=float(logs[self.monitor]), global_step=epoch)

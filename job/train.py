@@ -74,7 +74,7 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   if not run.chief:
     # Workers must not share one BackupAndRestore folder (h5 file locks).
     backup += f"-worker{run.strategy.cluster_resolver.task_id}"
-  return [
+  callbacks = [
       keras.callbacks.BackupAndRestore(backup),
       callbacks_lib.BestModelCheckpoint(run.inner, run.path(evaluate_lib.BEST_MODEL_FILE),
                                         run.path("best_model.json"), cfg.monitor, mode, stage,
@@ -84,6 +84,9 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
       keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-7),
       keras.callbacks.TensorBoard(cfg.logs_dir if run.chief else run.path("logs")),
   ]
+  if run.chief and callbacks_lib.in_tuning_trial():
+    callbacks.append(callbacks_lib.HypertuneReporter(cfg.monitor))
+  return callbacks
 
 
 def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:

@@ -1,0 +1,1 @@
+"""Submitting the training job: Vertex AI custom jobs and multi-GPU VMs."""
