@@ -12,6 +12,7 @@ artifacts/, where the seed's inference example reads them.
 
 import os
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from job import config as config_lib, train
@@ -43,7 +44,7 @@ def prepare_data(work_dir: str, num_images: int, image_size: int, seed: int) -> 
 
 def main(argv):
   del argv
-  if fileio.tf.io.gfile.exists(fileio.join(FLAGS.model_dir, "run_config.json")):
+  if tf.io.gfile.exists(fileio.join(FLAGS.model_dir, "run_config.json")):
     logging.info("replacing the earlier run in %s", FLAGS.model_dir)
     fileio.remove_if_exists(FLAGS.model_dir)
   shards_dir = prepare_data(FLAGS.work_dir, FLAGS.num_images, FLAGS.image_size, FLAGS.seed)

@@ -12,15 +12,14 @@ same command finishes it, skipping the shards already in place.
 
 import dataclasses
 import hashlib
-
 import multiprocessing
 import os
 import sys
-
 import time
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from absl import app, flags, logging
 
 from tfrecords import features, fileio, sources, split as split_lib
@@ -86,7 +85,7 @@ class ShardTask:
 
 def _sha256_of(path: str) -> str:
   digest = hashlib.sha256()
-  with fileio.tf.io.gfile.GFile(path, "rb") as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -94,7 +93,6 @@ def _sha256_of(path: str) -> str:
 
 def _encode_image(jpeg: bytes, image_size: int, quality: int):
   """Decodes (so a corrupt JPEG fails here) and optionally resizes as the seed does."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = tf.io.decode_jpeg(jpeg, channels=3)
   if image_size:
     resized = tf.image.resize(image, (image_size, image_size))  # bilinear, as the seed's inference
@@ -105,7 +103,6 @@ def _encode_image(jpeg: bytes, image_size: int, quality: int):
 
 def write_shard(task: ShardTask) -> dict:
   """Writes one shard under a temporary name, then moves it into place; returns its stats."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   final = fileio.join(task.output_dir, task.name)
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
   skipped = []
@@ -131,7 +128,6 @@ def write_shard(task: ShardTask) -> dict:
 
 def stats_of_existing_shard(path: str) -> dict:
   """Counts of a shard a previous run finished (its name means it was complete)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
   for record in tf.data.TFRecordDataset(path):
     label = int(features.parse_example(record, [features.LABEL])[features.LABEL])
@@ -153,7 +149,6 @@ def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) ->
 
 def _prepare_output(output_dir: str, settings: Settings, overwrite: bool) -> bool:
   """Checks what the folder holds; returns True when this exact conversion is already finished."""
-  tf = fileio.tf
   plan_path = fileio.join(output_dir, PLAN_FILE)
   ours = [PLAN_FILE, SPLIT_FILE, LABEL_MAP_FILE, MANIFEST_FILE]
   existing = tf.io.gfile.listdir(output_dir) if tf.io.gfile.isdir(output_dir) else []
@@ -181,7 +176,6 @@ def _prepare_output(output_dir: str, settings: Settings, overwrite: bool) -> boo
 def convert(source: sources.Source, output_dir: str, settings: Settings, workers: int = 1,
             skip_bad_images: bool = False, overwrite: bool = False) -> dict:
   """Runs (or finishes) a conversion and returns its manifest."""
-  tf = fileio.tf
   split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
                                     settings.seed)
   tf.io.gfile.makedirs(output_dir)
@@ -237,12 +231,11 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
 
 
 def _remove_temporaries(output_dir):
-  for path in fileio.tf.io.gfile.glob(fileio.join(output_dir, ".*.tfrecord.tmp-*")):
+  for path in tf.io.gfile.glob(fileio.join(output_dir, ".*.tfrecord.tmp-*")):
     fileio.remove_if_exists(path)
 
 
 def _init_worker():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # One thread per process: the processes are the parallelism.
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
