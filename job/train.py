@@ -9,7 +9,6 @@ job skips what is done and resumes mid-stage.
 """
 
 import dataclasses
-import hashlib
 import math
 import platform
 import sys
@@ -129,11 +128,6 @@ def fine_tune(run: Run, initial_epoch: int) -> int:
   return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
 
 
-def _sha256(path: str) -> str:
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
   return {
       "flags": dataclasses.asdict(cfg),
@@ -143,7 +137,7 @@ def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
       "strategy": type(strategy).__name__,
       "num_replicas": strategy.num_replicas_in_sync,
       "dtype_policy": policy,
-      "manifest_sha256": _sha256(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
+      "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
       "command": sys.argv,
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                    "keras": keras.__version__, "numpy": np.__version__,

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import NUM_IMAGES, REPO, run_module
-from tfrecords import convert, features, sources, split as split_lib, synthetic
+from tfrecords import convert, features, fileio, sources, split as split_lib, synthetic
 
 
 def read_shards(pattern):
@@ -116,7 +116,7 @@ def test_shards_split_and_manifest_agree(source, shards_dir):
     assert ids == set(split_csv["image_id"][split_csv["split"] == name])
     for shard in info["shards"]:
       assert shard["name"] == features.shard_name(name, int(shard["name"][-23:-18]), len(info["shards"]))
-      assert convert._sha256_of(os.path.join(shards_dir, shard["name"])) == shard["sha256"]
+      assert fileio.sha256_of(os.path.join(shards_dir, shard["name"])) == shard["sha256"]
   lesions = [set(split_csv["lesion_id"][split_csv["split"] == n]) for n in features.SPLITS]
   assert not (lesions[0] & lesions[1] or lesions[0] & lesions[2] or lesions[1] & lesions[2])
 

@@ -11,7 +11,6 @@ same command finishes it, skipping the shards already in place.
 """
 
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -83,14 +82,6 @@ class ShardTask:
   skip_bad_images: bool
 
 
-def _sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with tf.io.gfile.GFile(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _encode_image(jpeg: bytes, image_size: int, quality: int):
   """Decodes (so a corrupt JPEG fails here) and optionally resizes as the seed does."""
   image = tf.io.decode_jpeg(jpeg, channels=3)
@@ -121,7 +112,7 @@ def write_shard(task: ShardTask) -> dict:
           continue
         writer.write(features.encode_example(jpeg=jpeg, height=height, width=width, row=row))
         class_counts[row["dx"]] += 1
-    sha256 = _sha256_of(tmp)
+    sha256 = fileio.sha256_of(tmp)
   return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
           "sha256": sha256, "skipped": skipped}
 
@@ -133,7 +124,7 @@ def stats_of_existing_shard(path: str) -> dict:
     label = int(features.parse_example(record, [features.LABEL])[features.LABEL])
     class_counts[features.CLASS_NAMES[label]] += 1
   return {"name": os.path.basename(path), "num_examples": sum(class_counts.values()),
-          "class_counts": class_counts, "sha256": _sha256_of(path), "skipped": []}
+          "class_counts": class_counts, "sha256": fileio.sha256_of(path), "skipped": []}
 
 
 def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) -> dict[str, list[list[int]]]:

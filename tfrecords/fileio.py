@@ -8,6 +8,7 @@ appears only when its upload completes) into place.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -71,6 +72,14 @@ def read_json(path: str):
     return json.load(f)
 
 
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def copy_to_local(path: str, directory: str | None = None) -> str:
   """A local copy of `path` (h5py and zipfile open local files only); local paths pass through."""
   if is_local(path):
@@ -87,7 +96,3 @@ def remove_if_exists(path: str):
       tf.io.gfile.rmtree(path)
     else:
       tf.io.gfile.remove(path)
-
-
-__all__ = ["is_local", "join", "local_copy_then_upload", "write_atomic", "write_json", "read_json",
-           "copy_to_local", "remove_if_exists"]
