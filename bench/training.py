@@ -24,10 +24,7 @@ def build(cfg: config_lib.TrainConfig, augment: bool = True) -> keras.Model:
   performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
   keras.utils.set_random_seed(cfg.seed)
   inner = model_lib.build_inner_model("none")
-  wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
-  if not augment:
-    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8")
-    wrapper = keras.Model(inputs, inner(model_lib.ResNetPreprocess()(keras.ops.cast(inputs, "float32"))))
+  wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, augment=augment)
   model_lib.set_trainable_for_stage(inner, stage=2)  # the heavier stage
   train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr)
   return wrapper

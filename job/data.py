@@ -51,20 +51,6 @@ def class_weights(class_counts: list[int]) -> np.ndarray:
   return weights
 
 
-def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
-  """JPEG → uint8 image_size×image_size, resized with the seed inference's bilinear resize."""
-  image = tf.io.decode_jpeg(jpeg, channels=3)
-
-  def resize():
-    resized = tf.image.resize(image, (image_size, image_size))
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-  # Shards converted at the training size (`tfrecords.convert --image_size`) skip the resize.
-  shape = tf.shape(image)
-  already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-  return tf.cond(already, lambda: image, resize)
-
-
 def preprocess(images: tf.Tensor) -> tf.Tensor:
   """uint8 → what the inner model takes: ResNet-50's caffe preprocessing (RGB→BGR, minus mean)."""
   return keras.applications.resnet50.preprocess_input(tf.cast(images, tf.float32))
@@ -94,7 +80,8 @@ def build_dataset(info: SplitInfo, image_size: int, batch_size: int, *, training
 
   def parse(record):
     example = features.parse_example(record, keys)
-    image = decode_and_resize(example[features.IMAGE_ENCODED], image_size)
+    # Shards converted at the training size (`tfrecords.convert --image_size`) skip the resize.
+    image = features.decode_and_resize(example[features.IMAGE_ENCODED], image_size)
     metadata = {name: example[key] for name, key in METADATA_KEYS.items() if key in example}
     return image, example[features.LABEL], metadata
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from job import config as config_lib, train
-from tfrecords import convert, fileio, sources, synthetic
+from tfrecords import fileio, synthetic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "demo_output", "Where the synthetic images and shards go.")
@@ -31,23 +31,13 @@ flags.DEFINE_float("stage1_lr", 1e-3, "Stage 1 learning rate (random features le
 flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
 
 
-def prepare_data(work_dir: str, num_images: int, image_size: int, seed: int) -> str:
-  images_dir = os.path.join(work_dir, "ham10000")
-  shards_dir = os.path.join(work_dir, f"shards_{image_size}")
-  if not os.path.exists(os.path.join(images_dir, synthetic.METADATA_FILE)):
-    synthetic.write_dataset(images_dir, num_images=num_images, seed=seed, workers=os.cpu_count() or 1)
-  source = sources.open_source(images_dir)
-  settings = convert.Settings(source=images_dir, image_size=image_size, seed=seed)
-  convert.convert(source, shards_dir, settings, workers=os.cpu_count() or 1)
-  return shards_dir
-
-
 def main(argv):
   del argv
   if tf.io.gfile.exists(fileio.join(FLAGS.model_dir, "run_config.json")):
     logging.info("replacing the earlier run in %s", FLAGS.model_dir)
     fileio.remove_if_exists(FLAGS.model_dir)
-  shards_dir = prepare_data(FLAGS.work_dir, FLAGS.num_images, FLAGS.image_size, FLAGS.seed)
+  _, shards_dir, _ = synthetic.write_and_convert(FLAGS.work_dir, FLAGS.num_images, FLAGS.image_size,
+                                                 FLAGS.seed)
   cfg = config_lib.TrainConfig(
       data_dir=shards_dir, model_dir=FLAGS.model_dir, weights="none", image_size=FLAGS.image_size,
       global_batch_size=FLAGS.global_batch_size, stage1_epochs=FLAGS.stage1_epochs,

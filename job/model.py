@@ -51,19 +51,26 @@ def build_inner_model(weights: str = "none", dropout: float = 0.3) -> keras.Mode
   return keras.Model(inputs, outputs, name="ham10000_resnet50")
 
 
-def build_training_model(inner: keras.Model, image_size: int, seed: int = 0) -> keras.Model:
+def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
+                         augment: bool = True) -> keras.Model:
+  """augment=False leaves the random layers out (benchmarks measure what they cost)."""
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image_uint8")
   x = keras.ops.cast(inputs, "float32")  # layers below cast on to the policy's compute dtype
-  augment = keras.Sequential([
+  if augment:
+    x = augmentation(seed)(x)
+  x = ResNetPreprocess(name="preprocess")(x)
+  outputs = inner(x)
+  return keras.Model(inputs, outputs, name="training_wrapper")
+
+
+def augmentation(seed: int = 0) -> keras.Sequential:
+  """The seed's augmentation, in 0-255 space (RandomContrast clips to its value range)."""
+  return keras.Sequential([
       keras.layers.RandomFlip("horizontal", seed=seed),
       keras.layers.RandomRotation(0.1, seed=seed + 1),
       keras.layers.RandomZoom(0.1, seed=seed + 2),
       keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
   ], name="augment")
-  x = augment(x)
-  x = ResNetPreprocess(name="preprocess")(x)
-  outputs = inner(x)
-  return keras.Model(inputs, outputs, name="training_wrapper")
 
 
 def backbone_of(inner: keras.Model) -> keras.Model:

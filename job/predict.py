@@ -52,7 +52,7 @@ def predict_files(model: keras.Model, paths: list[str], image_size: int, tempera
                   tta: bool = False, batch_size: int = 32) -> pd.DataFrame:
   """Label, probability and top 3 per image, plus every class probability."""
   def load(path):
-    return data.decode_and_resize(tf.io.read_file(path), image_size)
+    return features.decode_and_resize(tf.io.read_file(path), image_size)
 
   dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
   probabilities = []
@@ -82,7 +82,7 @@ def export_serving(model: keras.Model, image_size: int, temperature: float, expo
   class_names = tf.constant(features.CLASS_NAMES)
 
   def serve(image_bytes):
-    images = tf.map_fn(lambda b: data.decode_and_resize(b, image_size), image_bytes,
+    images = tf.map_fn(lambda b: features.decode_and_resize(b, image_size), image_bytes,
                        fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
     probabilities = model(data.preprocess(images), training=False)
     logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), 1e-12, 1.0))

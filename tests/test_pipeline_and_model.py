@@ -43,7 +43,7 @@ def test_labels_stay_with_their_images_through_the_shuffled_pipeline(shards_dir,
   truth = {}
   for record in tf.data.TFRecordDataset(info.files):
     example = features.parse_example(record, [features.IMAGE_ENCODED, features.LABEL])
-    image = data.decode_and_resize(example[features.IMAGE_ENCODED], IMAGE_SIZE).numpy()
+    image = features.decode_and_resize(example[features.IMAGE_ENCODED], IMAGE_SIZE).numpy()
     truth[_digest(image)] = int(example[features.LABEL])
   weights = data.class_weights(info.class_counts)
   dataset = data.build_dataset(info, IMAGE_SIZE, 16, training=True, weights=weights, seed=3)
@@ -119,6 +119,9 @@ def test_training_wrapper_takes_uint8_and_augments_only_in_training(inner):
   assert np.allclose(inference, expected, atol=1e-5)  # wrapper = preprocess + inner, nothing else
   augment = wrapper.get_layer("augment")
   assert not np.allclose(augment(images.astype(np.float32), training=True), images)
+  plain = model_lib.build_training_model(inner, IMAGE_SIZE, augment=False)
+  assert "augment" not in [layer.name for layer in plain.layers]
+  assert np.allclose(plain(images, training=False).numpy(), expected, atol=1e-5)
 
 
 def test_weights_file_is_loaded(tmp_path):

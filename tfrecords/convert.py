@@ -84,10 +84,10 @@ class ShardTask:
 
 def _encode_image(jpeg: bytes, image_size: int, quality: int):
   """Decodes (so a corrupt JPEG fails here) and optionally resizes as the seed does."""
-  image = tf.io.decode_jpeg(jpeg, channels=3)
-  if image_size:
-    resized = tf.image.resize(image, (image_size, image_size))  # bilinear, as the seed's inference
-    image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  if not image_size:
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+  else:
+    image = features.decode_and_resize(jpeg, image_size)
     jpeg = tf.io.encode_jpeg(image, quality=quality).numpy()
   return jpeg, int(image.shape[0]), int(image.shape[1])
 

@@ -41,6 +41,21 @@ def shard_pattern(split: str) -> str:
   return f"{split}-?????-of-?????.tfrecord"
 
 
+def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+  """JPEG → uint8 image_size×image_size, resized with the seed inference's bilinear
+  `tf.image.resize`. The converter stores images this way and the job reads them
+  this way; an image already at that size is returned as decoded."""
+  image = tf.io.decode_jpeg(jpeg, channels=3)
+
+  def resize():
+    resized = tf.image.resize(image, (image_size, image_size))
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+  shape = tf.shape(image)
+  already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+  return tf.cond(already, lambda: image, resize)
+
+
 def _bytes(value: bytes | str) -> tf.train.Feature:
   if isinstance(value, str):
     value = value.encode("utf-8")

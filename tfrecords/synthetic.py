@@ -211,6 +211,24 @@ def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout:
   return root
 
 
+def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed: int = 0,
+                      num_train_shards: int = 16):
+  """A synthetic dataset and its shards under `work_dir`, each made once per setting.
+
+  Returns (images_dir, shards_dir, source); the demo and the benchmarks start here."""
+  from tfrecords import convert, sources  # pylint: disable=g-import-not-at-top
+  workers = os.cpu_count() or 1
+  images_dir = os.path.join(work_dir, f"images_{num_images}_{seed}")
+  if not os.path.exists(os.path.join(images_dir, METADATA_FILE)):
+    write_dataset(images_dir, num_images=num_images, seed=seed, workers=workers)
+  source = sources.open_source(images_dir)
+  shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}_{image_size}_{num_train_shards}")
+  settings = convert.Settings(source=images_dir, image_size=image_size, seed=seed,
+                              num_train_shards=num_train_shards)
+  convert.convert(source, shards_dir, settings, workers=workers)
+  return images_dir, shards_dir, source
+
+
 def _link_or_copy(src, dst):
   try:
     os.link(src, dst)
