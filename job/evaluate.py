@@ -86,6 +86,8 @@ def compute_metrics(test: pd.DataFrame, validation: pd.DataFrame, bootstrap: int
                     "after": metrics_lib.brier_score(labels, calibrated)},
           "nll": {"before": calibration.negative_log_likelihood(labels, probabilities),
                   "after": calibration.negative_log_likelihood(labels, calibrated)},
+          "reliability_bins": {"before": metrics_lib.reliability_bins(labels, probabilities),
+                               "after": metrics_lib.reliability_bins(labels, calibrated)},
       },
   }
   calibration_json = {"method": "temperature_scaling", "temperature": temperature,
@@ -132,11 +134,11 @@ def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int
     fileio.write_atomic(fileio.join(model_dir, "predictions.csv"), out.getvalue())
     fileio.write_json(fileio.join(model_dir, "metrics.json"), metrics)
     fileio.write_json(fileio.join(model_dir, CALIBRATION_FILE), calibration_json)
-    write_plots(model_dir, metrics, test, run_config)
+    write_plots(model_dir, metrics, run_config)
   return metrics
 
 
-def write_plots(model_dir: str, metrics: dict, test: pd.DataFrame, run_config: dict):
+def write_plots(model_dir: str, metrics: dict, run_config: dict):
   plots.confusion_matrix(np.asarray(metrics["confusion_matrix"]["counts"]),
                          fileio.join(model_dir, "confusion_matrix.png"))
   history_path = fileio.join(model_dir, "history.csv")
@@ -145,12 +147,8 @@ def write_plots(model_dir: str, metrics: dict, test: pd.DataFrame, run_config: d
       history = pd.read_csv(f)
     plots.training_curves(history, run_config["flags"].get("monitor", "val_f1"),
                           fileio.join(model_dir, "training_curves.png"))
-  labels, probabilities = labels_and_probabilities(test)
-  temperature = metrics["calibration"]["temperature"]
-  plots.reliability_diagram(metrics_lib.reliability_bins(labels, probabilities),
-                            metrics_lib.reliability_bins(labels, calibration.apply_temperature(
-                                probabilities, temperature)),
-                            fileio.join(model_dir, "reliability_diagram.png"))
+  bins = metrics["calibration"]["reliability_bins"]
+  plots.reliability_diagram(bins["before"], bins["after"], fileio.join(model_dir, "reliability_diagram.png"))
 
 
 def main(argv):
