@@ -12,6 +12,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from job import keras_compat
+
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -56,6 +58,7 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     cross_device_ops = tf.distribute.NcclAllReduce() if len(gpus) > 1 else None
     strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
   elif name == "multi_worker":
+    keras_compat.apply()  # keras-team/keras#20585: fit fails across workers without it
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.NCCL if has_gpu
@@ -69,8 +72,16 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     strategy = tf.distribute.TPUStrategy(resolver)
   else:
     raise ValueError(f"--strategy={name}: expected one of {', '.join(STRATEGIES)}")
-  logging.info("strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+  logging.info("strategy %s with %d replicas", public_name(strategy), strategy.num_replicas_in_sync)
   return strategy
+
+
+def public_name(strategy: tf.distribute.Strategy) -> str:
+  """The name users know: MultiWorkerMirroredStrategy's class calls itself CollectiveAllReduceStrategy."""
+  for name in ("MultiWorkerMirroredStrategy", "MirroredStrategy", "OneDeviceStrategy", "TPUStrategy"):
+    if type(strategy) is getattr(tf.distribute, name):
+      return name
+  return type(strategy).__name__
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

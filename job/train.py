@@ -134,7 +134,7 @@ def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
       "image_size": cfg.image_size,
       "seed": cfg.seed,
       "class_names": list(features.CLASS_NAMES),
-      "strategy": type(strategy).__name__,
+      "strategy": distribute_utils.public_name(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
       "dtype_policy": policy,
       "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
