@@ -28,7 +28,9 @@ setup(
     extras_require={
         "gcp": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6"],
         # The launcher's tests build real CustomJob messages, and the tuning reporter writes
-        # real hypertune metric files.
-        "test": ["pytest>=8.0", "google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6"],
+        # real hypertune metric files. The gs:// tests run a local GCS emulator behind a TLS
+        # proxy with a throwaway CA (tests/gcs_emulator.py patches this emulator release).
+        "test": ["pytest>=8.0", "google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6",
+                 "gcp-storage-emulator==2026.7.19", "trustme>=1.1"],
     },
 )

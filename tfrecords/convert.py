@@ -169,7 +169,7 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   """Runs (or finishes) a conversion and returns its manifest."""
   split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
                                     settings.seed)
-  tf.io.gfile.makedirs(output_dir)
+  fileio.makedirs(output_dir)
   if _prepare_output(output_dir, settings, overwrite):
     logging.info("%s already holds this conversion (manifest.json present): nothing to do", output_dir)
     return fileio.read_json(fileio.join(output_dir, MANIFEST_FILE))

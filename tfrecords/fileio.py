@@ -30,6 +30,19 @@ def join(base: str, *parts: str) -> str:
   return os.path.join(str(base), *parts)
 
 
+def makedirs(path: str):
+  """tf.io.gfile.makedirs, but failing at once where the gs:// bucket is missing.
+
+  TensorFlow's GCS filesystem retries creating a folder in a missing bucket
+  forever (tensorflow/hub#272, still so in TF 2.21): a typo in a bucket name
+  would hang the job instead of failing it."""
+  if path.startswith("gs://"):
+    bucket = "gs://" + path[len("gs://"):].split("/", 1)[0]
+    if not tf.io.gfile.exists(bucket):
+      raise FileNotFoundError(f"{path}: bucket {bucket} does not exist (or these credentials cannot see it)")
+  tf.io.gfile.makedirs(path)
+
+
 @contextlib.contextmanager
 def local_copy_then_upload(path: str, suffix: str = ""):
   """Yields a local temporary path; on success it becomes `path`, atomically."""
@@ -45,7 +58,7 @@ def local_copy_then_upload(path: str, suffix: str = ""):
     if directory is not None:
       os.replace(tmp, path)
     else:
-      tf.io.gfile.makedirs(os.path.dirname(path))
+      makedirs(os.path.dirname(path))
       if path.startswith("ram://") and tf.io.gfile.exists(path):
         # TensorFlow's ram:// filesystem (TF 2.21) appends to an existing file rather
         # than replacing it. GCS replaces an object whole, so only ram:// needs this.
