@@ -10,6 +10,8 @@ import csv
 import io
 import math
 import os
+import signal
+import threading
 
 import keras
 import tensorflow as tf
@@ -110,3 +112,81 @@ class HypertuneReporter(keras.callbacks.Callback):
     if self.monitor in (logs or {}):
       self.reporter.report_hyperparameter_tuning_metric(
           hyperparameter_metric_tag=self.monitor, metric_value=float(logs[self.monitor]), global_step=epoch)
+
+
+class Preempted(Exception):
+  """SIGTERM arrived and the backup is saved: the process should exit and be restarted."""
+
+
+class PreemptibleBackup(keras.callbacks.BackupAndRestore):
+  """Keras's BackupAndRestore, which also backs up and stops on SIGTERM.
+
+  Vertex AI sends SIGTERM when it reclaims a spot VM (or for TPU maintenance)
+  and SIGKILL about 30 s later. The handler only raises a flag; after the
+  running step, this saves the backup and raises `Preempted`. A normal stop
+  would not do: BackupAndRestore deletes its backup when `fit` ends, and the
+  stage would be marked finished.
+
+  Keras 3.15 writes the backup in place, so a SIGKILL during the write leaves a
+  file that cannot be read ("file signature not found") and the restart fails:
+  here the weights are written beside it and moved into place, then the
+  metadata. Two more changes, for step-level backups (`save_freq`=N): it records the epoch it is in (Keras records only the last finished epoch of
+  this `fit`, 0 before any, so a backup taken mid-epoch after a restart points
+  to the stage's start), and it also saves at each epoch's end. Keras resumes a
+  backup at the start of the epoch recorded, with the weights as saved.
+
+  Place it last among the callbacks: at an epoch's end the others (history,
+  best model) have then run before the backup says that epoch is done."""
+
+  def __init__(self, backup_dir, save_freq="epoch"):
+    super().__init__(backup_dir, save_freq=save_freq)
+    self.requested = False
+    self._previous_handler = None
+
+  def _request(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a backup after the current step")
+    self.requested = True
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+      self._previous_handler = signal.signal(signal.SIGTERM, self._request)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._current_epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    super().on_train_batch_end(batch, logs)
+    if self.requested:
+      self._save_and_stop(f"epoch {self._current_epoch + 1}, step {batch + 1}")
+
+  def on_epoch_end(self, epoch, logs=None):
+    super().on_epoch_end(epoch, logs)  # now resumes at epoch + 1; saves when save_freq="epoch"
+    if self.save_freq != "epoch":
+      self._save_model()
+    if self.requested:  # arrived during validation: the epoch is done and saved
+      self._stop(f"the end of epoch {epoch + 1}")
+
+  def on_train_end(self, logs=None):
+    self._restore_handler()
+    super().on_train_end(logs)
+
+  def _save_model(self):
+    with fileio.local_copy_then_upload(self._weights_path, ".weights.h5") as tmp:
+      self.model.save_weights(tmp)
+    fileio.write_json(self._training_metadata_path,  # after the weights it describes
+                      {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+  def _save_and_stop(self, where):
+    self._save_model()
+    self._stop(where)
+
+  def _stop(self, where):
+    self._restore_handler()
+    raise Preempted(f"backup saved in {self.backup_dir} at {where}")
+
+  def _restore_handler(self):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None

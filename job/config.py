@@ -40,6 +40,8 @@ def define_flags():
   flags.DEFINE_bool("class_weights", True, "Weight the loss by inverse class frequency.")
   flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step.")
   flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.")
+  flags.DEFINE_integer("backup_steps", 0, "Also back up every N training steps (0: at each epoch's "
+                       "end only). A backup is always saved on SIGTERM.")
   flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
   flags.DEFINE_bool("debug", False, "A small subset (64 train, 32 validation and test images) "
                     "for a quick run on one GPU or CPU.")
@@ -72,6 +74,7 @@ class TrainConfig:
   class_weights: bool = True
   jit_compile: bool = False
   steps_per_execution: int = 1
+  backup_steps: int = 0
   seed: int = 0
   debug: bool = False
   run_eagerly: bool = False
@@ -97,7 +100,7 @@ def config_from_flags() -> TrainConfig:
   for name in ("image_size", "global_batch_size", "steps_per_execution"):
     if values[name] < 1:
       raise flags.ValidationError(f"--{name} must be at least 1")
-  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers"):
+  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps"):
     if values[name] < 0:
       raise flags.ValidationError(f"--{name} must not be negative")
   return TrainConfig(**values)

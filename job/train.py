@@ -25,6 +25,7 @@ from job import data, distribute_utils, evaluate as evaluate_lib, model as model
 from tfrecords import features, fileio
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
 
 
 @dataclasses.dataclass
@@ -74,7 +75,6 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
     # Workers must not share one BackupAndRestore folder (h5 file locks).
     backup += f"-worker{run.strategy.cluster_resolver.task_id}"
   callbacks = [
-      keras.callbacks.BackupAndRestore(backup),
       callbacks_lib.BestModelCheckpoint(run.inner, run.path(evaluate_lib.BEST_MODEL_FILE),
                                         run.path("best_model.json"), cfg.monitor, mode, stage,
                                         write=run.chief),
@@ -85,6 +85,8 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   ]
   if run.chief and callbacks_lib.in_tuning_trial():
     callbacks.append(callbacks_lib.HypertuneReporter(cfg.monitor))
+  # Last: an epoch counts as done in the backup once the other callbacks have run.
+  callbacks.append(callbacks_lib.PreemptibleBackup(backup, save_freq=cfg.backup_steps or "epoch"))
   return callbacks
 
 
@@ -217,7 +219,11 @@ def run(cfg: config_lib.TrainConfig) -> dict:
 
 def main(argv):
   del argv
-  run(config_lib.config_from_flags())
+  try:
+    run(config_lib.config_from_flags())
+  except callbacks_lib.Preempted as preempted:
+    logging.warning("preempted: %s; a restart resumes from it", preempted)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -193,11 +193,26 @@ def _wait_for_epoch(history, epoch, process, timeout=300):
   raise TimeoutError(f"epoch {epoch} never finished")
 
 
-def test_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
+def _wait_for_backup(backup_dir, epoch, process, mid_epoch=False, timeout=300):
+  metadata = backup_dir / "training_metadata.json"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      saved = json.loads(metadata.read_text())
+      if saved["epoch"] >= epoch and (saved["batch"] > 0 or not mid_epoch):
+        return
+    except (FileNotFoundError, ValueError):
+      pass
+    assert process.poll() is None, "training ended before it could be killed"
+    time.sleep(0.1)
+  raise TimeoutError(f"no backup for epoch {epoch}")
+
+
+def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
   model_dir = tmp_path / "resumed"
   args = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
           "--weights=none", "--image_size=32", "--global_batch_size=8", "--stage1_epochs=2",
-          "--stage2_epochs=2", "--strategy=one_device", "--noevaluate"]
+          "--stage2_epochs=2", "--strategy=one_device", "--noevaluate", "--backup_steps=5"]
   history = model_dir / "history.csv"
 
   def start(log):
@@ -205,13 +220,19 @@ def test_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
 
   first = start(tmp_path / "first.log")
   _wait_for_epoch(history, 0, first)
-  first.send_signal(signal.SIGKILL)  # mid-stage 1
-  first.wait()
+  _wait_for_backup(model_dir / "backup" / "stage1", 1, first, mid_epoch=True)  # a step-level backup
+  first.send_signal(signal.SIGTERM)  # mid-epoch, as when Vertex AI reclaims a spot VM
+  assert first.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
+  assert "preempted: backup saved in" in open(tmp_path / "first.log").read()
+  assert " at epoch 2, step " in open(tmp_path / "first.log").read()
+  backup = json.load(open(model_dir / "backup" / "stage1" / "training_metadata.json"))
+  assert backup["epoch"] == 1  # resume in stage 1's second epoch
   row0 = pd.read_csv(history).iloc[0].to_dict()
 
   second = start(tmp_path / "second.log")
   _wait_for_epoch(history, 2, second)
-  second.send_signal(signal.SIGKILL)  # mid-stage 2
+  _wait_for_backup(model_dir / "backup" / "stage2", 3, second)  # the backup is written after the history
+  second.send_signal(signal.SIGKILL)  # mid-stage 2, no warning
   second.wait()
   log = open(tmp_path / "second.log").read()
   assert "Epoch 2/2" in log and "Epoch 1/2" not in log  # stage 1 resumed at its second epoch
@@ -224,6 +245,7 @@ def test_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
   final = pd.read_csv(history)
   assert final["epoch"].tolist() == [0, 1, 2, 3] and final["stage"].tolist() == [1, 1, 2, 2]
   assert final.iloc[0].to_dict() == row0
+  assert not (model_dir / "backup").exists() or not os.listdir(model_dir / "backup")
 
 
 def test_bad_flags_and_data_dir_fail_fast_with_a_clear_message(tmp_path):
