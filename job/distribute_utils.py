@@ -39,6 +39,11 @@ def resolve_strategy_name(name: str) -> str:
   return "one_device"
 
 
+def needs_static_shapes(strategy_name: str) -> bool:
+  """TPUs compile for one batch shape: training batches drop the remainder there."""
+  return strategy_name == "tpu"
+
+
 def use_logical_cpu_devices(count: int):
   """Splits the CPU into `count` logical devices (to run `mirrored` without GPUs)."""
   cpu = tf.config.list_physical_devices("CPU")[0]
@@ -65,11 +70,7 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
         else tf.distribute.experimental.CommunicationImplementation.RING)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
   elif name == "tpu":
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
-    if tpu not in ("", "local"):
-      tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    strategy = tf.distribute.TPUStrategy(resolver)
+    strategy = _tpu_strategy(tpu or "local")
   else:
     raise ValueError(f"--strategy={name}: expected one of {', '.join(STRATEGIES)}")
   logging.info("strategy %s with %d replicas", public_name(strategy), strategy.num_replicas_in_sync)
@@ -82,6 +83,19 @@ def public_name(strategy: tf.distribute.Strategy) -> str:
     if type(strategy) is getattr(tf.distribute, name):
       return name
   return type(strategy).__name__
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu != "local":  # a TPU node reached over the network; a TPU VM's chips are local
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (tf.errors.OpError, ValueError) as e:
+    raise RuntimeError(f"--strategy=tpu --tpu={tpu}: no TPU found ({str(e).splitlines()[0][:200]}). "
+                       "Run on a TPU VM with TensorFlow's TPU build (Dockerfile --build-arg "
+                       "VARIANT=tpu).") from e
+  return tf.distribute.TPUStrategy(resolver)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

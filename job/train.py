@@ -186,7 +186,7 @@ def run(cfg: config_lib.TrainConfig) -> dict:
   take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
   num_train = min(train_info.num_examples, take_train or train_info.num_examples)
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
-  drop_remainder = strategy_name == "tpu"  # TPUs need static shapes
+  drop_remainder = distribute_utils.needs_static_shapes(strategy_name)
   train = data.build_dataset(train_info, cfg.image_size, cfg.global_batch_size, training=True,
                              weights=weights, seed=cfg.seed, drop_remainder=drop_remainder, take=take_train)
   validation = data.build_dataset(val_info, cfg.image_size, cfg.global_batch_size, training=False,

@@ -157,6 +157,20 @@ def test_strategy_choice(monkeypatch):
   assert isinstance(distribute_utils.get_strategy("one_device"), tf.distribute.OneDeviceStrategy)
 
 
+def test_tpu_choices_that_run_without_a_tpu(monkeypatch, shards_dir):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  monkeypatch.setenv("TPU_NAME", "my-tpu")  # set on Cloud TPU VMs
+  assert distribute_utils.resolve_strategy_name("auto") == "tpu"
+  with pytest.raises(RuntimeError, match="--strategy=tpu --tpu=local: no TPU found"):
+    distribute_utils.get_strategy("tpu", "local")
+  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  shapes = {name: data.build_dataset(info, 32, 16, training=True, drop_remainder=static).element_spec[0].shape
+            for name, static in (("tpu", distribute_utils.needs_static_shapes("tpu")),
+                                 ("mirrored", distribute_utils.needs_static_shapes("mirrored")))}
+  assert shapes["tpu"].as_list() == [16, 32, 32, 3]  # one shape for XLA to compile
+  assert shapes["mirrored"].as_list() == [None, 32, 32, 3]
+
+
 def test_mixed_precision_policy_choice():
   assert performance.policy_name("auto", "tpu") == "mixed_bfloat16"
   assert performance.policy_name("auto", "one_device") == "float32"  # this machine has no GPU

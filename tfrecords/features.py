@@ -53,7 +53,8 @@ def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
 
   shape = tf.shape(image)
   already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-  return tf.cond(already, lambda: image, resize)
+  # tf.cond loses the static shape; TPUs (XLA) need it whole.
+  return tf.ensure_shape(tf.cond(already, lambda: image, resize), (image_size, image_size, 3))
 
 
 def _bytes(value: bytes | str) -> tf.train.Feature:
