@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import posixpath
 import signal
 import threading
 
@@ -135,11 +136,18 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
   to the stage's start), and it also saves at each epoch's end. Keras resumes a
   backup at the start of the epoch recorded, with the weights as saved.
 
+  With several workers, each worker restores the chief's backup (`restore_dir`)
+  and saves its own apart. Each stops at the end of its own current step, so on
+  SIGTERM a worker a step ahead waits for the others until SIGKILL: the backup
+  on SIGTERM is best effort there, and the restart resumes from the chief's
+  latest backup either way.
+
   Place it last among the callbacks: at an epoch's end the others (history,
   best model) have then run before the backup says that epoch is done."""
 
-  def __init__(self, backup_dir, save_freq="epoch"):
+  def __init__(self, backup_dir, save_freq="epoch", restore_dir=None):
     super().__init__(backup_dir, save_freq=save_freq)
+    self.restore_dir = restore_dir or backup_dir  # another worker's backup (the chief's) to resume from
     self.requested = False
     self._previous_handler = None
 
@@ -149,7 +157,14 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
     self.requested = True
 
   def on_train_begin(self, logs=None):
-    super().on_train_begin(logs)
+    own_paths = self._weights_path, self._training_metadata_path
+    self._weights_path = fileio.join(self.restore_dir, posixpath.basename(self._weights_path))
+    self._training_metadata_path = fileio.join(self.restore_dir,
+                                               posixpath.basename(self._training_metadata_path))
+    try:
+      super().on_train_begin(logs)  # restores from restore_dir
+    finally:
+      self._weights_path, self._training_metadata_path = own_paths
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
       self._previous_handler = signal.signal(signal.SIGTERM, self._request)
 

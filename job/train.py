@@ -45,8 +45,9 @@ class Run:
     return fileio.join(self.model_dir, *parts)
 
   def checkpoint_path(self, *parts):
-    root = self.config.checkpoint_root if self.chief else self.model_dir
-    return fileio.join(root, "checkpoints", *parts)
+    # Every worker reads the chief's stage markers, so that all skip the same stages;
+    # only the chief writes them.
+    return fileio.join(self.config.checkpoint_root, "checkpoints", *parts)
 
 
 def monitor_mode(monitor: str) -> str:
@@ -70,10 +71,12 @@ def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: c
 def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   cfg = run.config
   mode = monitor_mode(cfg.monitor)
-  backup = fileio.join(cfg.checkpoint_root if run.chief else run.model_dir, "backup", f"stage{stage}")
-  if not run.chief:
-    # Workers must not share one BackupAndRestore folder (h5 file locks).
-    backup += f"-worker{run.strategy.cluster_resolver.task_id}"
+  # Every worker restores the chief's backup, so that all resume at the same step with the
+  # same weights; the others save theirs apart (one folder shared by two writers fails on
+  # h5 file locks), in their temporary folder.
+  backup = fileio.join(cfg.checkpoint_root, "backup", f"stage{stage}")
+  own_backup = backup if run.chief else fileio.join(
+      run.model_dir, "backup", f"stage{stage}-worker{run.strategy.cluster_resolver.task_id}")
   callbacks = [
       callbacks_lib.BestModelCheckpoint(run.inner, run.path(evaluate_lib.BEST_MODEL_FILE),
                                         run.path("best_model.json"), cfg.monitor, mode, stage,
@@ -86,7 +89,8 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   if run.chief and callbacks_lib.in_tuning_trial():
     callbacks.append(callbacks_lib.HypertuneReporter(cfg.monitor))
   # Last: an epoch counts as done in the backup once the other callbacks have run.
-  callbacks.append(callbacks_lib.PreemptibleBackup(backup, save_freq=cfg.backup_steps or "epoch"))
+  callbacks.append(callbacks_lib.PreemptibleBackup(own_backup, save_freq=cfg.backup_steps or "epoch",
+                                                   restore_dir=backup))
   return callbacks
 
 
@@ -200,8 +204,12 @@ def run(cfg: config_lib.TrainConfig) -> dict:
     inner = model_lib.build_inner_model(cfg.weights)
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, model_dir, chief)
-  epoch = train_head(state)
-  fine_tune(state, epoch)
+  try:
+    epoch = train_head(state)
+    fine_tune(state, epoch)
+  finally:
+    if not chief:  # its temporary folder, stopped or not
+      fileio.remove_if_exists(model_dir)
 
   metrics = {}
   # Evaluation runs on the chief alone, outside the strategy: no collective step
@@ -211,8 +219,6 @@ def run(cfg: config_lib.TrainConfig) -> dict:
                                     take=take_eval)
   if cfg.export_dir and chief:
     predict.export_serving(*predict.load_for_inference(model_dir), cfg.export_dir)
-  if not chief:
-    fileio.remove_if_exists(model_dir)
   logging.info("artifacts in %s", cfg.model_dir)
   return metrics
 

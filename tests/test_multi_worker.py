@@ -28,6 +28,7 @@ def free_ports(count):
 def run_workers(command, tmp_path, timeout=900, env=None):
   """Runs `command` as worker 0 and worker 1 of one cluster; returns their (returncode, output)."""
   cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+  tmp_path.mkdir(parents=True, exist_ok=True)
   processes = []
   for index in range(2):
     log = open(tmp_path / f"worker{index}.log", "w")
@@ -68,11 +69,16 @@ def test_two_workers_train_both_stages_and_only_the_chief_writes(shards_dir, tmp
   worker_tmp = tmp_path / "worker_tmp"
   worker_tmp.mkdir()
   command = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
-             "--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1",
-             "--stage2_epochs=1", "--debug"]
-  results = run_workers(command, tmp_path, env={1: {"TMPDIR": str(worker_tmp)}})
+             "--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1", "--debug"]
+  # Stage 1 alone, then a rerun that must skip it on both workers (the chief's marker),
+  # else they would train different stages and their collectives would not match.
+  for code, output in run_workers(command + ["--stage2_epochs=0", "--noevaluate"], tmp_path / "first",
+                                  env={1: {"TMPDIR": str(worker_tmp)}}):
+    assert code == 0, output[-5000:]
+  results = run_workers(command + ["--stage2_epochs=1"], tmp_path, env={1: {"TMPDIR": str(worker_tmp)}})
   for code, output in results:
     assert code == 0, output[-5000:]
+    assert "stage 1 already finished" in output
   config = json.load(open(model_dir / "run_config.json"))
   assert config["strategy"] == "MultiWorkerMirroredStrategy" and config["num_replicas"] == 2
   history = pd.read_csv(model_dir / "history.csv")
