@@ -18,7 +18,6 @@ media upload (`makedirs` writes one), reading the missing body as None.
 
 import http.client
 import os
-import socket
 import socketserver
 import ssl
 import threading
@@ -26,15 +25,11 @@ import threading
 import trustme
 from gcp_storage_emulator import server as emulator_server
 
+from conftest import free_ports
+
 PUBLIC_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "te",
               "upgrade", "content-length"}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _read_headers(stream) -> tuple[str, list[tuple[str, str]]]:
@@ -124,7 +119,7 @@ class GcsEmulator:
 
   def __init__(self, directory: str, bucket: str = "ham10000-test"):
     self.bucket = bucket
-    self.emulator_port = _free_port()
+    self.emulator_port, = free_ports(1)
     _accept_empty_media_uploads()
     self._emulator = emulator_server.create_server("127.0.0.1", self.emulator_port, in_memory=True,
                                                    default_bucket=bucket)

@@ -6,14 +6,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import NUM_IMAGES, REPO, run_module
+from conftest import NUM_IMAGES, REPO, run_module, wait_until
 from tfrecords import convert, features, fileio, sources, split as split_lib, synthetic
 
 
@@ -251,9 +250,8 @@ def test_killed_conversion_leaves_no_manifest_and_rerun_finishes(synthetic_dir, 
   args = [sys.executable, "-m", "tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={out}",
           "--workers=1"]
   process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while time.time() < deadline and not (out.exists() and any(f.endswith(".tfrecord") for f in os.listdir(out))):
-    time.sleep(0.05)
+  wait_until(lambda: out.exists() and any(f.endswith(".tfrecord") for f in os.listdir(out)), process,
+             "a first shard", timeout=120)
   process.send_signal(signal.SIGKILL)
   process.wait()
   written = [f for f in os.listdir(out) if f.endswith(".tfrecord")]

@@ -2,27 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_ports
 from job import keras_compat
 
 TINY_FIT = os.path.join(os.path.dirname(__file__), "multi_worker_fit.py")
-
-
-def free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 def run_workers(command, tmp_path, timeout=900, env=None):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from conftest import REPO, run_module
+from conftest import REPO, run_module, wait_until
 from job import config as config_lib, model as model_lib, predict, train
 from tfrecords import features
 
@@ -183,29 +182,19 @@ def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   assert (model_dir / "best_model.keras").exists() and (model_dir / "metrics.json").exists()
 
 
-def _wait_for_epoch(history, epoch, process, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if history.exists() and epoch in pd.read_csv(history)["epoch"].tolist():
-      return
-    assert process.poll() is None, "training ended before it could be killed"
-    time.sleep(0.1)
-  raise TimeoutError(f"epoch {epoch} never finished")
+def _history_has_epoch(history, epoch):
+  return lambda: history.exists() and epoch in pd.read_csv(history)["epoch"].tolist()
 
 
-def _wait_for_backup(backup_dir, epoch, process, mid_epoch=False, timeout=300):
-  metadata = backup_dir / "training_metadata.json"
-  deadline = time.time() + timeout
-  while time.time() < deadline:
+def _backup_reached(backup_dir, epoch, mid_epoch=False):
+  """The backup resumes at `epoch` or later (mid_epoch: saved after a step of it, not at its start)."""
+  def reached():
     try:
-      saved = json.loads(metadata.read_text())
-      if saved["epoch"] >= epoch and (saved["batch"] > 0 or not mid_epoch):
-        return
+      saved = json.loads((backup_dir / "training_metadata.json").read_text())
     except (FileNotFoundError, ValueError):
-      pass
-    assert process.poll() is None, "training ended before it could be killed"
-    time.sleep(0.1)
-  raise TimeoutError(f"no backup for epoch {epoch}")
+      return False
+    return saved["epoch"] >= epoch and (saved["batch"] > 0 or not mid_epoch)
+  return reached
 
 
 def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
@@ -219,8 +208,9 @@ def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_
     return subprocess.Popen(args, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
   first = start(tmp_path / "first.log")
-  _wait_for_epoch(history, 0, first)
-  _wait_for_backup(model_dir / "backup" / "stage1", 1, first, mid_epoch=True)  # a step-level backup
+  wait_until(_history_has_epoch(history, 0), first, "epoch 0")
+  wait_until(_backup_reached(model_dir / "backup" / "stage1", 1, mid_epoch=True), first,
+             "a step-level backup in epoch 1")
   first.send_signal(signal.SIGTERM)  # mid-epoch, as when Vertex AI reclaims a spot VM
   assert first.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
   assert "preempted: backup saved in" in open(tmp_path / "first.log").read()
@@ -230,8 +220,9 @@ def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_
   row0 = pd.read_csv(history).iloc[0].to_dict()
 
   second = start(tmp_path / "second.log")
-  _wait_for_epoch(history, 2, second)
-  _wait_for_backup(model_dir / "backup" / "stage2", 3, second)  # the backup is written after the history
+  wait_until(_history_has_epoch(history, 2), second, "epoch 2")
+  # The backup is written after the history.
+  wait_until(_backup_reached(model_dir / "backup" / "stage2", 3), second, "the backup of epoch 2")
   second.send_signal(signal.SIGKILL)  # mid-stage 2, no warning
   second.wait()
   log = open(tmp_path / "second.log").read()
