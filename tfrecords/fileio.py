@@ -30,16 +30,22 @@ def join(base: str, *parts: str) -> str:
   return os.path.join(str(base), *parts)
 
 
+_BUCKETS_FOUND: set[str] = set()
+
+
 def makedirs(path: str):
   """tf.io.gfile.makedirs, but failing at once where the gs:// bucket is missing.
 
   TensorFlow's GCS filesystem retries creating a folder in a missing bucket
   forever (tensorflow/hub#272, still so in TF 2.21): a typo in a bucket name
-  would hang the job instead of failing it."""
+  would hang the job instead of failing it. Each bucket is looked up once per
+  process, not before every upload."""
   if path.startswith("gs://"):
     bucket = "gs://" + path[len("gs://"):].split("/", 1)[0]
-    if not tf.io.gfile.exists(bucket):
-      raise FileNotFoundError(f"{path}: bucket {bucket} does not exist (or these credentials cannot see it)")
+    if bucket not in _BUCKETS_FOUND:
+      if not tf.io.gfile.exists(bucket):
+        raise FileNotFoundError(f"{path}: bucket {bucket} does not exist (or these credentials cannot see it)")
+      _BUCKETS_FOUND.add(bucket)
   tf.io.gfile.makedirs(path)
 
 
