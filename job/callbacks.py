@@ -131,7 +131,8 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
   Keras 3.15 writes the backup in place, so a SIGKILL during the write leaves a
   file that cannot be read ("file signature not found") and the restart fails:
   here the weights are written beside it and moved into place, then the
-  metadata. Two more changes, for step-level backups (`save_freq`=N): it records the epoch it is in (Keras records only the last finished epoch of
+  metadata. Two more changes, for step-level backups (`save_freq`=N): it
+  records the epoch it is in (Keras records only the last finished epoch of
   this `fit`, 0 before any, so a backup taken mid-epoch after a restart points
   to the stage's start), and it also saves at each epoch's end. Keras resumes a
   backup at the start of the epoch recorded, with the weights as saved.
