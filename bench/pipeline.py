@@ -49,8 +49,7 @@ def examples_per_second(batches, batch_size) -> float:
 
 def job_pipeline(shards_dir):
   info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
-  return info, iter(data.build_dataset(info, FLAGS.image_size, FLAGS.batch_size, training=True,
-                                       weights=data.class_weights(info.class_counts)))
+  return info, iter(data.train_dataset(info, FLAGS.image_size, FLAGS.batch_size))
 
 
 def main(argv):

@@ -20,13 +20,16 @@ class EpochTimer(keras.callbacks.Callback):
     self.seconds.append(time.perf_counter() - self.start)
 
 
-def build(cfg: config_lib.TrainConfig, augment: bool = True) -> keras.Model:
+def build(cfg: config_lib.TrainConfig, augment: bool = True, class_weights=None) -> keras.Model:
+  """The job's training wrapper in stage 2 (the heavier stage), compiled as the job compiles
+  it on one device; `model.jit_compile` then says whether XLA is in effect."""
   performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
   keras.utils.set_random_seed(cfg.seed)
   inner = model_lib.build_inner_model("none")
   wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, augment=augment)
-  model_lib.set_trainable_for_stage(inner, stage=2)  # the heavier stage
-  train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr)
+  model_lib.set_trainable_for_stage(inner, stage=2)
+  train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr,
+                      xla=performance.use_xla(cfg.jit_compile, "one_device"), class_weights=class_weights)
   return wrapper
 
 

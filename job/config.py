@@ -38,7 +38,8 @@ def define_flags():
                     "(val_f1: Keras's macro F1Score).")
   flags.DEFINE_integer("patience", 6, "EarlyStopping patience, in epochs.")
   flags.DEFINE_bool("class_weights", True, "Weight the loss by inverse class frequency.")
-  flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step.")
+  flags.DEFINE_enum("jit_compile", "auto", performance.JIT_COMPILE, "XLA-compile the training "
+                    "step, augmentation included. auto: on for TPUs and GPUs, off on CPUs.")
   flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.")
   flags.DEFINE_integer("backup_steps", 0, "Also back up every N training steps (0: at each epoch's "
                        "end only). A backup is always saved on SIGTERM.")
@@ -72,7 +73,7 @@ class TrainConfig:
   monitor: str = "val_f1"
   patience: int = 6
   class_weights: bool = True
-  jit_compile: bool = False
+  jit_compile: str = "auto"
   steps_per_execution: int = 1
   backup_steps: int = 0
   seed: int = 0

@@ -39,11 +39,6 @@ def resolve_strategy_name(name: str) -> str:
   return "one_device"
 
 
-def needs_static_shapes(strategy_name: str) -> bool:
-  """TPUs compile for one batch shape: training batches drop the remainder there."""
-  return strategy_name == "tpu"
-
-
 def use_logical_cpu_devices(count: int):
   """Splits the CPU into `count` logical devices (to run `mirrored` without GPUs)."""
   cpu = tf.config.list_physical_devices("CPU")[0]

@@ -34,7 +34,7 @@ def load_best_model(model_dir: str) -> keras.Model:
 def predict_split(model: keras.Model, info: data.SplitInfo, image_size: int, batch_size: int = 64,
                   take: int | None = None) -> pd.DataFrame:
   """One row per image: its metadata, true label, predicted label and class probabilities."""
-  dataset = data.build_dataset(info, image_size, batch_size, training=False, with_ids=True, take=take)
+  dataset = data.prediction_dataset(info, image_size, batch_size, take=take)
   frames = []
   for images, one_hot, metadata in dataset:
     probabilities = model.predict_on_batch(data.preprocess(images))

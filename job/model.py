@@ -5,14 +5,17 @@ inference example feeds it, any image size):
   ResNet-50 (no top, BatchNorm in inference mode) → GlobalAveragePooling →
   Dropout(0.3) → Dense(7, softmax, float32)
 
-training wrapper (never saved as a model; runs on the accelerator):
-  uint8 → float → random flip / rotation / zoom / contrast (in 0-255 space:
-  RandomContrast clips to its value range) → preprocess_input → inner model
+training wrapper (never saved as a model; runs on the accelerator, and
+compiles under XLA whole):
+  uint8 → float → random flip / rotation / zoom / contrast (job/augment.py, in
+  0-255 space: the contrast clips to its value range) → preprocess_input →
+  inner model
 """
 
 import keras
 import tensorflow as tf
 
+from job import augment as augment_lib
 from tfrecords import features, fileio
 
 BACKBONE_NAME = "resnet50"
@@ -63,14 +66,11 @@ def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
   return keras.Model(inputs, outputs, name="training_wrapper")
 
 
-def augmentation(seed: int = 0) -> keras.Sequential:
-  """The seed's augmentation, in 0-255 space (RandomContrast clips to its value range)."""
-  return keras.Sequential([
-      keras.layers.RandomFlip("horizontal", seed=seed),
-      keras.layers.RandomRotation(0.1, seed=seed + 1),
-      keras.layers.RandomZoom(0.1, seed=seed + 2),
-      keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
-  ], name="augment")
+def augmentation(seed: int = 0) -> keras.layers.Layer:
+  """The seed's flip, rotation (0.1), zoom (0.1) and contrast (0.1), in 0-255 space, with ops
+  that XLA compiles (Keras's RandomRotation and RandomZoom do not)."""
+  return augment_lib.RandomAugmentation(rotation=0.1, zoom=0.1, contrast=0.1, value_range=(0, 255),
+                                    seed=seed, name="augment")
 
 
 def backbone_of(inner: keras.Model) -> keras.Model:

@@ -36,8 +36,11 @@ class Run:
   inner: keras.Model
   wrapper: keras.Model
   train: tf.data.Dataset
-  validation: tf.data.Dataset
+  validation: data.ValidationData
   steps_per_epoch: int
+  steps_per_execution: int
+  xla: bool  # the training step is XLA-compiled
+  class_weights: np.ndarray | None
   model_dir: str  # where this worker writes (a temporary folder on non-chief workers)
   chief: bool
 
@@ -54,18 +57,46 @@ def monitor_mode(monitor: str) -> str:
   return "min" if monitor.endswith("loss") else "max"
 
 
+class ClassWeightedCrossentropy(keras.losses.Loss):
+  """Categorical cross-entropy, each image weighted by its true class's weight.
+
+  The class weights live in the loss rather than in sample weights, so that
+  sample weights stay free for the validation padding (job/data.py) and the
+  accuracy and F1 stay unweighted figures; the validation loss is the same
+  class-weighted objective as the training loss."""
+
+  def __init__(self, class_weights, name="class_weighted_crossentropy", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.class_weights = [float(w) for w in class_weights]
+
+  def call(self, y_true, y_pred):
+    weights = keras.ops.sum(y_true * keras.ops.convert_to_tensor(self.class_weights, y_true.dtype), axis=-1)
+    return keras.losses.categorical_crossentropy(y_true, y_pred) * weights
+
+  def get_config(self):
+    return {**super().get_config(), "class_weights": self.class_weights}
+
+
 def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: config_lib.TrainConfig,
-                  learning_rate: float):
-  """(Re)compiles the wrapper: needed after changing `trainable`."""
+                  learning_rate: float, xla: bool, steps_per_execution: int | None = None,
+                  class_weights: np.ndarray | None = None):
+  """(Re)compiles the wrapper: needed after changing `trainable`. The metrics are weighted
+  metrics: the validation padding weighs 0 in them (training batches carry no weights)."""
+  loss = (ClassWeightedCrossentropy(class_weights) if class_weights is not None
+          else keras.losses.CategoricalCrossentropy())
   with strategy.scope():
     wrapper.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
-                 keras.metrics.F1Score(average="macro", name="f1")],
-        jit_compile=cfg.jit_compile,
-        steps_per_execution=cfg.steps_per_execution,
+        loss=loss,
+        weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                          keras.metrics.F1Score(average="macro", name="f1")],
+        jit_compile=xla,
+        steps_per_execution=steps_per_execution or cfg.steps_per_execution,
         run_eagerly=cfg.run_eagerly)
+  if xla and not wrapper.jit_compile:  # Keras turns XLA off, with a warning, for layers without it
+    unsupported = sorted({layer.name for layer in wrapper._flatten_layers() if not layer.supports_jit})  # pylint: disable=protected-access
+    raise RuntimeError(f"--jit_compile: XLA was requested but Keras turned it off (layers without "
+                       f"XLA support: {', '.join(unsupported) or 'none'})")
 
 
 def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
@@ -110,8 +141,10 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
   # at stage 1's resumed epoch instead of `initial_epoch`.
   run.wrapper._initial_epoch = None  # pylint: disable=protected-access
   history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
-                            steps_per_epoch=run.steps_per_epoch, validation_data=run.validation,
-                            callbacks=stage_callbacks(run, stage), verbose=2)
+                            steps_per_epoch=run.steps_per_epoch, validation_data=run.validation.dataset,
+                            validation_steps=run.validation.steps, callbacks=stage_callbacks(run, stage),
+                            shuffle=False,  # the dataset shuffles itself; Keras would warn it ignores this
+                            verbose=2)
   next_epoch = (max(history.epoch) + 1) if history.epoch else initial_epoch + epochs
   if run.chief:
     with fileio.local_copy_then_upload(weights, ".weights.h5") as tmp:
@@ -123,18 +156,20 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
 def train_head(run: Run, initial_epoch: int = 0) -> int:
   """Stage 1: the backbone is frozen; only the new head learns."""
   model_lib.set_trainable_for_stage(run.inner, stage=1)
-  compile_model(run.wrapper, run.strategy, run.config, run.config.stage1_lr)
+  compile_model(run.wrapper, run.strategy, run.config, run.config.stage1_lr, run.xla,
+                run.steps_per_execution, run.class_weights)
   return fit_stage(run, 1, run.config.stage1_epochs, initial_epoch)
 
 
 def fine_tune(run: Run, initial_epoch: int) -> int:
   """Stage 2: the top layers of the backbone learn too, at a lower rate."""
   model_lib.set_trainable_for_stage(run.inner, stage=2, fine_tune_layers=run.config.fine_tune_layers)
-  compile_model(run.wrapper, run.strategy, run.config, run.config.stage2_lr)
+  compile_model(run.wrapper, run.strategy, run.config, run.config.stage2_lr, run.xla,
+                run.steps_per_execution, run.class_weights)
   return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
 
 
-def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
+def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool) -> dict:
   return {
       "flags": dataclasses.asdict(cfg),
       "image_size": cfg.image_size,
@@ -143,12 +178,28 @@ def run_config(cfg: config_lib.TrainConfig, strategy, policy: str) -> dict:
       "strategy": distribute_utils.public_name(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
       "dtype_policy": policy,
+      "xla": xla,  # in effect: compile_model stops the job if Keras turns it off
       "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
       "command": sys.argv,
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                    "keras": keras.__version__, "numpy": np.__version__,
                    "scikit-learn": sklearn.__version__},
   }
+
+
+def epoch_steps(num_train: int, global_batch_size: int, steps_per_execution: int) -> tuple[int, int]:
+  """Steps per epoch (one pass over the train split) and steps per execution.
+
+  Keras runs whole executions, so an epoch of 10 steps at --steps_per_execution=8
+  would run 16: the execution is capped at the epoch, and the epoch rounded down
+  to whole executions (the train split repeats, so no image is left out for good)."""
+  steps = max(1, math.ceil(num_train / global_batch_size))
+  per_execution = min(steps_per_execution, steps)
+  rounded = steps - steps % per_execution
+  if (per_execution, rounded) != (steps_per_execution, steps):
+    logging.info("--steps_per_execution=%d with %d steps per epoch: running %d steps per epoch in "
+                 "executions of %d", steps_per_execution, steps, rounded, per_execution)
+  return rounded, per_execution
 
 
 def preflight(cfg: config_lib.TrainConfig, chief: bool) -> dict:
@@ -173,15 +224,21 @@ def run(cfg: config_lib.TrainConfig) -> dict:
   if cfg.cpu_devices:
     distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
   strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)
+  if cfg.global_batch_size % strategy.num_replicas_in_sync:
+    # Each replica gets an equal share of every batch: one static shape per replica.
+    raise ValueError(f"--global_batch_size={cfg.global_batch_size} must be a multiple of the "
+                     f"{strategy.num_replicas_in_sync} replicas")
   strategy_name = distribute_utils.resolve_strategy_name(cfg.strategy)
   policy = performance.policy_name(cfg.mixed_precision, strategy_name)
   performance.set_policy(policy)
+  xla = performance.use_xla(cfg.jit_compile, strategy_name, cfg.run_eagerly)
   keras.utils.set_random_seed(cfg.seed)
   chief = distribute_utils.is_chief(strategy)
   manifest = preflight(cfg, chief)
   model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
   if chief:
-    fileio.write_json(fileio.join(model_dir, evaluate_lib.RUN_CONFIG_FILE), run_config(cfg, strategy, policy))
+    fileio.write_json(fileio.join(model_dir, evaluate_lib.RUN_CONFIG_FILE),
+                      run_config(cfg, strategy, policy, xla))
     fileio.write_json(fileio.join(model_dir, "label_map.json"), features.LABEL_MAP)
 
   train_info = data.split_info(cfg.data_dir, manifest, "train")
@@ -190,20 +247,21 @@ def run(cfg: config_lib.TrainConfig) -> dict:
   take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
   num_train = min(train_info.num_examples, take_train or train_info.num_examples)
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
-  drop_remainder = distribute_utils.needs_static_shapes(strategy_name)
-  train = data.build_dataset(train_info, cfg.image_size, cfg.global_batch_size, training=True,
-                             weights=weights, seed=cfg.seed, drop_remainder=drop_remainder, take=take_train)
-  validation = data.build_dataset(val_info, cfg.image_size, cfg.global_batch_size, training=False,
-                                  take=take_eval)
-  steps_per_epoch = max(1, math.ceil(num_train / cfg.global_batch_size))
-  logging.info("train: %d images, %d steps of %d per epoch; class weights %s", num_train,
-               steps_per_epoch, cfg.global_batch_size,
-               None if weights is None else np.round(weights, 2).tolist())
+  train = data.train_dataset(train_info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed,
+                             take=take_train)
+  validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval)
+  steps_per_epoch, steps_per_execution = epoch_steps(num_train, cfg.global_batch_size,
+                                                     cfg.steps_per_execution)
+  logging.info("train: %d images, %d steps of %d per epoch; validation: %d images in %d steps; "
+               "class weights %s; XLA %s", num_train, steps_per_epoch, cfg.global_batch_size,
+               validation.num_examples, validation.steps,
+               None if weights is None else np.round(weights, 2).tolist(), "on" if xla else "off")
 
   with strategy.scope():
     inner = model_lib.build_inner_model(cfg.weights)
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
-  state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, model_dir, chief)
+  state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
+              weights, model_dir, chief)
   try:
     epoch = train_head(state)
     fine_tune(state, epoch)

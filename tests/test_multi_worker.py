@@ -57,8 +57,10 @@ def test_two_workers_train_both_stages_and_only_the_chief_writes(shards_dir, tmp
   model_dir = tmp_path / "model"
   worker_tmp = tmp_path / "worker_tmp"
   worker_tmp.mkdir()
+  # --debug validates on 32 images: at a global batch of 20 the last batch is padded, and the
+  # second worker's half of it holds 2 images and 8 rows of padding.
   command = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
-             "--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1", "--debug"]
+             "--weights=none", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1", "--debug"]
   # Stage 1 alone, then a rerun that must skip it on both workers (the chief's marker),
   # else they would train different stages and their collectives would not match.
   for code, output in run_workers(command + ["--stage2_epochs=0", "--noevaluate"], tmp_path / "first",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data, distribute_utils, model as model_lib, performance
+from job import config as config_lib, data, distribute_utils, model as model_lib, performance, train
 from tfrecords import features
 
 IMAGE_SIZE = 32
@@ -21,16 +21,15 @@ def manifest(shards_dir):
 
 def test_pipeline_shapes_and_dtypes(shards_dir, manifest):
   info = data.split_info(shards_dir, manifest, "train")
-  weights = data.class_weights(info.class_counts)
-  images, labels, sample_weights = next(iter(
-      data.build_dataset(info, IMAGE_SIZE, 8, training=True, weights=weights)))
+  train = data.train_dataset(info, IMAGE_SIZE, 8)
+  images, labels = next(iter(train))
   assert images.dtype == tf.uint8 and images.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
   assert labels.dtype == tf.float32 and labels.shape == (8, 7)
   assert np.allclose(labels.numpy().sum(axis=1), 1)
-  assert sample_weights.shape == (8,)
-  val = data.build_dataset(data.split_info(shards_dir, manifest, "validation"), IMAGE_SIZE, 8,
-                           training=False)
-  assert sum(int(x.shape[0]) for x, _ in val) == manifest["splits"]["validation"]["num_examples"]
+  # One static shape for every batch, as XLA and TPUs need, under every strategy.
+  assert train.element_spec[0].shape.as_list() == [8, IMAGE_SIZE, IMAGE_SIZE, 3]
+  predict = data.prediction_dataset(data.split_info(shards_dir, manifest, "validation"), IMAGE_SIZE, 8)
+  assert sum(int(x.shape[0]) for x, _, _ in predict) == manifest["splits"]["validation"]["num_examples"]
 
 
 def _digest(image) -> str:
@@ -45,16 +44,52 @@ def test_labels_stay_with_their_images_through_the_shuffled_pipeline(shards_dir,
     example = features.parse_example(record, [features.IMAGE_ENCODED, features.LABEL])
     image = features.decode_and_resize(example[features.IMAGE_ENCODED], IMAGE_SIZE).numpy()
     truth[_digest(image)] = int(example[features.LABEL])
-  weights = data.class_weights(info.class_counts)
-  dataset = data.build_dataset(info, IMAGE_SIZE, 16, training=True, weights=weights, seed=3)
+  dataset = data.train_dataset(info, IMAGE_SIZE, 16, seed=3)
   seen = 0
-  for images, labels, sample_weights in dataset.take(2 * len(truth) // 16):
-    for image, label, weight in zip(images.numpy(), labels.numpy(), sample_weights.numpy()):
-      expected = truth[_digest(image)]
-      assert np.argmax(label) == expected
-      assert weight == pytest.approx(weights[expected])
+  for images, labels in dataset.take(2 * len(truth) // 16):
+    for image, label in zip(images.numpy(), labels.numpy()):
+      assert np.argmax(label) == truth[_digest(image)]
       seen += 1
   assert seen >= len(truth)
+
+
+@pytest.mark.parametrize("batch_size", [7, 16, 1000])
+def test_validation_batches_are_whole_and_padding_changes_no_figure(shards_dir, manifest, batch_size):
+  """Padding the last validation batch (static shapes; no empty batch for any replica) leaves
+  loss, accuracy and macro F1 exactly those of the real images, for a remainder of any size
+  and a split smaller than one batch."""
+  info = data.split_info(shards_dir, manifest, "validation")
+  validation = data.validation_dataset(info, IMAGE_SIZE, batch_size)
+  assert validation.num_examples == info.num_examples
+  batches = list(validation.dataset)
+  assert len(batches) == validation.steps == int(np.ceil(info.num_examples / batch_size))
+  assert all(images.shape == (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3) for images, _, _ in batches)
+  weights = np.concatenate([w.numpy() for _, _, w in batches])
+  assert (weights > 0).sum() == info.num_examples and (weights[info.num_examples:] == 0).all()
+
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8"),
+                            keras.layers.Rescaling(1 / 255), keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(7, activation="softmax")])
+  cfg = config_lib.TrainConfig(data_dir=shards_dir)
+  train.compile_model(model, tf.distribute.get_strategy(), cfg, 1e-3, xla=False)
+  padded = model.evaluate(validation.dataset, steps=validation.steps, return_dict=True, verbose=0)
+  plain = data.prediction_dataset(info, IMAGE_SIZE, 1000).map(lambda x, y, _: (x, y))
+  exact = model.evaluate(plain, return_dict=True, verbose=0)  # one batch, no padding, no weights
+  for key in ("loss", "accuracy", "f1"):
+    assert padded[key] == pytest.approx(exact[key], rel=1e-5), key
+
+
+def test_class_weighted_loss_weighs_each_image_by_its_class():
+  weights = np.array([2.0, 1, 1, 1, 1, 0.5, 1])
+  labels = np.eye(7, dtype=np.float32)[[0, 5, 5]]
+  probabilities = np.full((3, 7), 0.1, np.float32)
+  probabilities[:, 0] = 0.4
+  plain = keras.losses.CategoricalCrossentropy(reduction=None)(labels, probabilities).numpy()
+  weighted = train.ClassWeightedCrossentropy(weights, reduction=None)(labels, probabilities).numpy()
+  assert weighted == pytest.approx(plain * [2.0, 0.5, 0.5])
+  # No label (the validation padding) → no loss, whatever the class weights.
+  assert train.ClassWeightedCrossentropy(weights)(np.zeros((1, 7), np.float32), probabilities[:1]) == 0
 
 
 def test_class_weights_are_sklearns_balanced():
@@ -157,18 +192,12 @@ def test_strategy_choice(monkeypatch):
   assert isinstance(distribute_utils.get_strategy("one_device"), tf.distribute.OneDeviceStrategy)
 
 
-def test_tpu_choices_that_run_without_a_tpu(monkeypatch, shards_dir):
+def test_tpu_choices_that_run_without_a_tpu(monkeypatch):
   monkeypatch.delenv("TF_CONFIG", raising=False)
   monkeypatch.setenv("TPU_NAME", "my-tpu")  # set on Cloud TPU VMs
   assert distribute_utils.resolve_strategy_name("auto") == "tpu"
   with pytest.raises(RuntimeError, match="--strategy=tpu --tpu=local: no TPU found"):
     distribute_utils.get_strategy("tpu", "local")
-  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
-  shapes = {name: data.build_dataset(info, 32, 16, training=True, drop_remainder=static).element_spec[0].shape
-            for name, static in (("tpu", distribute_utils.needs_static_shapes("tpu")),
-                                 ("mirrored", distribute_utils.needs_static_shapes("mirrored")))}
-  assert shapes["tpu"].as_list() == [16, 32, 32, 3]  # one shape for XLA to compile
-  assert shapes["mirrored"].as_list() == [None, 32, 32, 3]
 
 
 def test_mixed_precision_policy_choice():

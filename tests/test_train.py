@@ -173,11 +173,13 @@ def test_serving_export_round_trip(trained_run, synthetic_dir, tmp_path):
 
 def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   model_dir = tmp_path / "mirrored"
+  # --debug validates on 32 images: at a global batch of 30 the last batch holds two images,
+  # fewer than the three replicas (one would get an empty batch without the padding).
   run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored",
-             "--cpu_devices=2", "--weights=none", "--image_size=32", "--global_batch_size=16",
+             "--cpu_devices=3", "--weights=none", "--image_size=32", "--global_batch_size=30",
              "--stage1_epochs=1", "--stage2_epochs=1", "--debug")
   config = json.load(open(model_dir / "run_config.json"))
-  assert config["strategy"] == "MirroredStrategy" and config["num_replicas"] == 2
+  assert config["strategy"] == "MirroredStrategy" and config["num_replicas"] == 3
   assert pd.read_csv(model_dir / "history.csv")["stage"].tolist() == [1, 2]
   assert (model_dir / "best_model.keras").exists() and (model_dir / "metrics.json").exists()
 
