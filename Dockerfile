@@ -1,31 +1,38 @@
 # The trainer image: python -m job.train as the entrypoint.
 #   GPU (default):  docker build -t trainer .
-#   TPU (Vertex AI TPU VMs need TensorFlow's TPU build, with libtpu):
-#                   docker build --build-arg VARIANT=tpu -t trainer-tpu .
-# The TensorFlow version matches setup.py's pin. No credentials go into the image:
-# on Vertex AI the job runs as the job's service account.
+#   TPU:            docker build --build-arg VARIANT=tpu -t trainer-tpu .
+# No credentials go into the image: on Vertex AI the job runs as the job's service account.
+#
+# GPU: TensorFlow's official GPU image at setup.py's pin, plus this package.
+# TPU: Python 3.11 with TensorFlow's TPU build from requirements/tpu.txt. That build is a
+# release behind the GPU pin (tensorflow-tpu 2.20.0 is the newest on PyPI), with its own
+# tensorboard and the libtpu it names; Keras is the same 3.15 as on GPU, so
+# job/keras_compat.py applies alike. Vertex AI wants libtpu.so in /lib of a custom TPU
+# container, and TensorFlow's PJRT runtime finds it through the variables below.
 ARG TF_VERSION=2.21.0
 ARG VARIANT=gpu
 
 FROM tensorflow/tensorflow:${TF_VERSION}-gpu AS base-gpu
 
 FROM python:3.11-slim AS base-tpu
+ENV TPU_LIBRARY_PATH=/lib/libtpu.so \
+    TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so \
+    NEXT_PLUGGABLE_DEVICE_USE_C_API=true
 
 FROM base-${VARIANT} AS trainer
 ARG VARIANT
-ARG TF_VERSION
-# The TPU build; if the pinned version is not yet on the libtpu index, pass --build-arg TF_TPU_VERSION.
-ARG TF_TPU_VERSION=${TF_VERSION}
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 WORKDIR /trainer
 COPY setup.py README.md ./
+COPY requirements requirements
 COPY tfrecords tfrecords
 COPY job job
 COPY launch launch
-RUN pip install --no-cache-dir ".[gcp]" \
- && if [ "$VARIANT" = "tpu" ]; then \
-      pip uninstall -y tensorflow \
-      && pip install --no-cache-dir "tensorflow-tpu==${TF_TPU_VERSION}" \
-           -f https://storage.googleapis.com/libtpu-tf-releases/index.html ; \
+RUN if [ "$VARIANT" = "tpu" ]; then \
+      pip install --no-cache-dir -r requirements/tpu.txt \
+      && pip install --no-cache-dir --no-deps . \
+      && cp "$(python -c 'import libtpu, os; print(os.path.join(os.path.dirname(libtpu.__file__), "libtpu.so"))')" /lib/libtpu.so ; \
+    else \
+      pip install --no-cache-dir ".[gcp]" ; \
     fi
 ENTRYPOINT ["python", "-m", "job.train"]

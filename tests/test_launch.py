@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,12 +35,41 @@ def test_vertex_dry_run_multi_node_gpu_spot():
   assert spec["scheduling"]["strategy"] == "SPOT" and spec["serviceAccount"] == "sa@p.iam"
 
 
-def test_vertex_dry_run_single_gpu_and_tpu():
+def test_vertex_dry_run_single_gpu():
   single = dry_run("--machine_type=g2-standard-8", "--accelerator_type=NVIDIA_L4")
   pools = single["jobSpec"]["workerPoolSpecs"]
   assert len(pools) == 1 and pools[0]["containerSpec"]["args"] == ["--data_dir=gs://b/shards"]
-  tpu = dry_run("--machine_type=ct5lp-hightpu-4t")
-  assert "--strategy=tpu" in tpu["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["args"]
+  assert pools[0]["machineSpec"]["acceleratorCount"] == 1
+
+
+@pytest.mark.parametrize("args, machine", [
+    (["--machine_type=cloud-tpu", "--accelerator_type=TPU_V3"],
+     {"machineType": "cloud-tpu", "acceleratorType": "TPU_V3", "acceleratorCount": 8}),
+    (["--machine_type=cloud-tpu", "--accelerator_type=TPU_V2"],
+     {"machineType": "cloud-tpu", "acceleratorType": "TPU_V2", "acceleratorCount": 8}),
+    (["--machine_type=ct5lp-hightpu-4t"], {"machineType": "ct5lp-hightpu-4t", "acceleratorType":
+                                           "TPU_V5_LITEPOD", "acceleratorCount": 4, "tpuTopology": "2x2"}),
+    (["--machine_type=ct5lp-hightpu-8t"], {"machineType": "ct5lp-hightpu-8t", "acceleratorType":
+                                           "TPU_V5_LITEPOD", "acceleratorCount": 8, "tpuTopology": "2x4"}),
+])
+def test_vertex_dry_run_asks_for_real_tpu_shapes(args, machine):
+  pools = dry_run(*args)["jobSpec"]["workerPoolSpecs"]
+  assert len(pools) == 1 and pools[0]["machineSpec"] == machine
+  assert pools[0]["containerSpec"]["args"][1:3] == ["--strategy=tpu", "--tpu=local"]
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--machine_type=ct6e-standard-4t"], "TPU v4, v5p and v6e run JAX and PyTorch only"),
+    (["--machine_type=ct4p-hightpu-4t", "--accelerator_type=TPU_V4_POD"], "v2 and v3"),
+    (["--machine_type=cloud-tpu", "--accelerator_type=TPU_V3", "--accelerator_count=1"],
+     "--accelerator_count=8"),
+    (["--machine_type=ct5lp-hightpu-4t", "--replica_count=2"], "multi-host TPU slices are not supported"),
+])
+def test_vertex_refuses_tpu_jobs_tensorflow_cannot_run(args, cause):
+  result = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s",
+                      "--model_dir=gs://b/r", *args, check=False)
+  assert result.returncode != 0 and cause in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")  # one line, no usage dump
 
 
 def test_vertex_rejects_bad_flags():
@@ -81,3 +112,38 @@ def test_dockerfile_matches_the_pinned_tensorflow_and_entrypoint():
   for folder in re.findall(r"^COPY (\w+) ", dockerfile, re.M):
     assert os.path.isdir(os.path.join(REPO, folder)), folder
   assert not re.search(r"(?i)(credential|api_key|secret)", dockerfile.replace("No credentials", ""))
+
+
+def _requirement_names(lines):
+  return {re.split(r"[<>=~!\[ ]", line.strip(), maxsplit=1)[0].lower() for line in lines
+          if line.strip() and not line.lstrip().startswith("#")}
+
+
+def test_tpu_image_requirements_cover_setup_py_and_pin_an_existing_release():
+  setup_py = open(os.path.join(REPO, "setup.py")).read()
+  runtime = re.search(r"install_requires=\[(.*?)\]", setup_py, re.S).group(1)
+  needed = _requirement_names(re.findall(r'"([^"]+)"', runtime)) - {"tensorflow", "tensorboard"}
+  tpu = open(os.path.join(REPO, "requirements", "tpu.txt")).read().splitlines()
+  assert needed <= _requirement_names(tpu), needed - _requirement_names(tpu)
+  assert "tensorflow-tpu==2.20.0" in tpu and "tensorboard~=2.20.0" in tpu
+  keras_pin = re.search(r'"keras([^"]+)"', setup_py).group(1)
+  assert f"keras{keras_pin}" in tpu  # the Keras job/keras_compat.py is gated for
+  dockerfile = open(os.path.join(REPO, "Dockerfile")).read()
+  assert "pip install --no-cache-dir -r requirements/tpu.txt" in dockerfile
+  assert "/lib/libtpu.so" in dockerfile
+
+
+def test_tpu_image_requirements_resolve_together(tmp_path):
+  """What `docker build --build-arg VARIANT=tpu` would install, resolved by pip against the
+  package index for this Python (the image's 3.11), without installing anything."""
+  report = tmp_path / "report.json"
+  result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                           "--quiet", "--report", str(report), "-r",
+                           os.path.join(REPO, "requirements", "tpu.txt")],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  versions = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+  assert versions["tensorflow-tpu"] == "2.20.0" and versions["libtpu"] == "0.0.14"
+  assert versions["tensorboard"].startswith("2.20.") and versions["keras"].startswith("3.15.")
+  assert "tensorflow" not in versions  # the TPU build replaces it, never beside it
