@@ -7,40 +7,37 @@ process pool that has already imported TensorFlow (a warm-up shard each), so
 the figure is encoding throughput, not interpreter start-up.
 """
 
+import dataclasses
 import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from bench import common
-from tfrecords import convert, split as split_lib
+from tfrecords import cli, convert, split as split_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 600, "Synthetic images.")
-flags.DEFINE_integer("image_size", 0, "The converter's --image_size (0 keeps the JPEGs).")
-flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def define_flags():
+  flags.DEFINE_integer("num_images", 600, "Synthetic images.")
+  flags.DEFINE_integer("image_size", 0, "The converter's --image_size (0 keeps the JPEGs).")
+  flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
 def tasks_for(source, output_dir, image_size):
   settings = convert.Settings(source=source.description, image_size=image_size, num_train_shards=16)
-  split = split_lib.split_by_lesion(source.metadata)
-  records = source.metadata.to_dict("records")
-  tasks = []
-  for name, shards in convert.plan_shards(source.metadata, split, settings).items():
-    for index, rows in enumerate(shards):
-      pairs = tuple((records[i], source.images[records[i]["image_id"]]) for i in rows)
-      tasks.append(convert.ShardTask(output_dir, convert.features.shard_name(name, index, len(shards)),
-                                     pairs, image_size, settings.jpeg_quality, False))
+  tasks = convert.shard_tasks(source, split_lib.split_by_lesion(source.metadata), settings, output_dir)
   return sorted(tasks, key=lambda t: -len(t.rows))
 
 
 def images_per_second(tasks, workers: int) -> float:
-  with multiprocessing.get_context("spawn").Pool(workers, convert._init_worker) as pool:  # pylint: disable=protected-access
-    warm_up = [t.__class__(t.output_dir, f"warmup-{i}.tfrecord", t.rows[:1], t.image_size, t.jpeg_quality,
-                           False) for i, t in enumerate(tasks[:workers])]
+  with multiprocessing.get_context("spawn").Pool(workers, convert.init_worker) as pool:
+    warm_up = [dataclasses.replace(t, name=f"warmup-{i}.tfrecord", rows=t.rows[:1])
+               for i, t in enumerate(tasks[:workers])]
     list(pool.map(convert.write_shard, warm_up, chunksize=1))  # imports done, caches warm
     start = time.perf_counter()
     list(pool.imap_unordered(convert.write_shard, tasks))
@@ -62,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -17,17 +17,21 @@ GPU; on a CPU only the ratios mean anything.
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bench import common
-from bench.training import build, images_per_second
+from bench.timing import build, images_per_second
 from job import config as config_lib, data, model as model_lib
+from tfrecords import cli, manifest
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("smoke", False, "Tiny CPU run: 32 px, batch 8, float32, one epoch.")
-flags.DEFINE_integer("num_images", 2000, "Synthetic images (converted once at 256 px).")
-flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement, after a warm-up epoch.")
-flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def define_flags():
+  flags.DEFINE_bool("smoke", False, "Tiny CPU run: 32 px, batch 8, float32, one epoch.")
+  flags.DEFINE_integer("num_images", 2000, "Synthetic images (converted once at 256 px).")
+  flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement, after a warm-up epoch.")
+  flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
 def augment_on_host(dataset: tf.data.Dataset, seed: int) -> tf.data.Dataset:
@@ -48,7 +52,7 @@ def measure(info, weights, cfg, augmentation):
     dataset = data.train_dataset(info, cfg.image_size, cfg.global_batch_size)
     return augment_on_host(dataset, cfg.seed) if augmentation == "host" else dataset
   steps = max(2, int(np.ceil(info.num_examples / cfg.global_batch_size)))
-  model = build(cfg, augment=augmentation == "accelerator", class_weights=weights)
+  model = build(cfg, weights, augment=augmentation == "accelerator")
   job = images_per_second(model, pipeline(), steps, FLAGS.epochs, cfg.global_batch_size)
   bound_data = tf.data.Dataset.from_tensors(next(iter(pipeline()))).repeat()
   bound = images_per_second(model, bound_data, steps, FLAGS.epochs, cfg.global_batch_size)
@@ -73,11 +77,11 @@ def main(argv):
   del argv
   gpus = tf.config.list_physical_devices("GPU")
   if not gpus and not FLAGS.smoke:
-    raise app.UsageError("no GPU visible: run on a GPU machine, or pass --smoke to check the benchmark")
+    raise cli.UserError("no GPU visible: run on a GPU machine, or pass --smoke to check the benchmark")
   image_size, batches, precision = (32, (8,), "off") if FLAGS.smoke else (224, (64, 128, 256), "float16")
   num_images = 300 if FLAGS.smoke else FLAGS.num_images
   _, shards_dir, _ = common.prepare(FLAGS.work_dir, num_images, image_size=0 if FLAGS.smoke else 256)
-  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  info = manifest.split_info(shards_dir, manifest.read(shards_dir), "train")
   weights = data.class_weights(info.class_counts)
   configurations = [(batch, xla, augmentation) for batch in batches
                     for xla, augmentation in ((False, "accelerator"), (True, "accelerator"), (False, "host"))]
@@ -100,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -20,17 +20,21 @@ import keras
 import pandas as pd
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bench import common
 from job import data
+from tfrecords import cli, manifest
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 800, "Synthetic images (the train split gets ~70%).")
-flags.DEFINE_integer("image_size", 224, "Training image size.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
-flags.DEFINE_integer("cached_epochs", 5, "Epochs timed from the cache.")
-flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def define_flags():
+  flags.DEFINE_integer("num_images", 800, "Synthetic images (the train split gets ~70%).")
+  flags.DEFINE_integer("image_size", 224, "Training image size.")
+  flags.DEFINE_integer("batch_size", 32, "Batch size.")
+  flags.DEFINE_integer("cached_epochs", 5, "Epochs timed from the cache.")
+  flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
 def seed_pipeline(paths, image_size, batch_size):
@@ -48,7 +52,7 @@ def examples_per_second(batches, batch_size) -> float:
 
 
 def job_pipeline(shards_dir):
-  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  info = manifest.split_info(shards_dir, manifest.read(shards_dir), "train")
   return info, iter(data.train_dataset(info, FLAGS.image_size, FLAGS.batch_size))
 
 
@@ -75,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -15,26 +15,30 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bench import common
-from bench.training import build, images_per_second
+from bench.timing import build, images_per_second
 from job import config as config_lib, data, performance
+from tfrecords import cli, manifest
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 600, "Synthetic images.")
-flags.DEFINE_integer("image_size", 64, "Training image size.")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement (after one warm-up epoch).")
-flags.DEFINE_integer("rounds", 2, "job/bound pairs, alternated.")
-flags.DEFINE_bool("variants", True, "Also measure precision, steps_per_execution, XLA, augmentation.")
-flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
+
+
+def define_flags():
+  flags.DEFINE_integer("num_images", 600, "Synthetic images.")
+  flags.DEFINE_integer("image_size", 64, "Training image size.")
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+  flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement (after one warm-up epoch).")
+  flags.DEFINE_integer("rounds", 2, "job/bound pairs, alternated.")
+  flags.DEFINE_bool("variants", True, "Also measure precision, steps_per_execution, XLA, augmentation.")
+  flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
 def main(argv):
   del argv
   _, shards_dir, _ = common.prepare(FLAGS.work_dir, FLAGS.num_images)
-  info = data.split_info(shards_dir, data.read_manifest(shards_dir), "train")
+  info = manifest.split_info(shards_dir, manifest.read(shards_dir), "train")
   weights = data.class_weights(info.class_counts)
   steps = int(np.ceil(info.num_examples / FLAGS.batch_size))
   base = config_lib.TrainConfig(data_dir=shards_dir, image_size=FLAGS.image_size, mixed_precision="off",
@@ -43,7 +47,7 @@ def main(argv):
   def pipeline():
     return data.train_dataset(info, FLAGS.image_size, FLAGS.batch_size)
 
-  model = build(base, class_weights=weights)
+  model = build(base, weights)
   one_batch = next(iter(pipeline()))
   bound_dataset = tf.data.Dataset.from_tensors(one_batch).repeat()  # in memory: costs nothing
   ratios, job_figures, bound_figures = [], [], []
@@ -65,7 +69,7 @@ def main(argv):
     }
     reference = figures["job_img_s"]
     for name, (cfg, augment) in variants.items():
-      variant = build(cfg, augment, class_weights=weights)
+      variant = build(cfg, weights, augment)
       speed = images_per_second(variant, pipeline(), steps, FLAGS.epochs, FLAGS.batch_size)
       figures[f"{name}_vs_float32"] = speed / reference
       if name == "xla_with_augmentation":
@@ -76,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

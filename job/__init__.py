@@ -1,1 +1,21 @@
-"""The HAM10000 ResNet-50 training job: data, model, distribution, training, evaluation."""
+"""The HAM10000 ResNet-50 training job: shards in, a calibrated classifier and its figures out.
+
+  train.py          the two stages, start to end (`python -m job.train`)
+  config.py         the settings (TrainConfig) and the flags that fill them
+  data.py           shards → uint8 batches: training, padded validation, prediction
+  augment.py        the seed's augmentation, XLA-compilable, run inside the model
+  model.py          the saved inner model and the training wrapper around it
+  distribute_utils  the tf.distribute strategy, chosen in one place
+  performance.py    mixed precision and XLA, decided per device
+  callbacks.py      best model, history, preemptible backups, tuning reports
+  keras_compat.py   where the job leans on Keras internals, each gated by version
+  evaluate.py       the ISIC metric set on a split (`python -m job.evaluate`)
+  metrics.py        the figures themselves; calibration.py temperature scaling
+  plots.py          the three pictures
+  predict.py        inference on JPEGs and the serving export (`python -m job.predict`)
+  artifacts.py      the run's files in --model_dir, named once
+  demo.py           the offline demo on synthetic data (`python -m job.demo`)
+
+It reads what tfrecords/ writes (tfrecords.manifest, tfrecords.features) and
+stores through tfrecords.fileio; tfrecords/ imports nothing from here.
+"""

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from job import model as model_lib
+from job import keras_compat, model as model_lib
 from tfrecords import fileio
 
 
@@ -148,6 +148,7 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
 
   def __init__(self, backup_dir, save_freq="epoch", restore_dir=None):
     super().__init__(backup_dir, save_freq=save_freq)
+    keras_compat.check_backup_internals(self)  # the private parts of Keras used below
     self.restore_dir = restore_dir or backup_dir  # another worker's backup (the chief's) to resume from
     self.requested = False
     self._previous_handler = None

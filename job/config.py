@@ -1,55 +1,20 @@
-"""The training job's flags, read once into a frozen TrainConfig (flags are never mutated)."""
+"""The training job's settings: a frozen TrainConfig, and the flags that fill it.
+
+Each default is written once, in TrainConfig; the flags take theirs from it.
+The flags are read once, into a TrainConfig (flags are never mutated), and
+checked there: a bad value ends the job before anything is built or written.
+"""
 
 import dataclasses
 import os
 
 from absl import flags
 
-from job import distribute_utils, performance
+from job import artifacts, distribute_utils, performance
+from tfrecords import cli
 
 FLAGS = flags.FLAGS
 MONITORS = ("val_f1", "val_accuracy", "val_loss")
-
-
-def define_flags():
-  flags.DEFINE_string("data_dir", None, "Converted shards (local or gs://), with manifest.json.")
-  flags.DEFINE_string("model_dir", None, "Where artifacts go (local or gs://). Default: "
-                      "$AIP_MODEL_DIR on Vertex AI, else artifacts/.")
-  flags.DEFINE_string("checkpoint_dir", None, "Stage checkpoints and backups. Default: "
-                      "$AIP_CHECKPOINT_DIR on Vertex AI, else --model_dir.")
-  flags.DEFINE_string("tensorboard_dir", None, "TensorBoard logs. Default: $AIP_TENSORBOARD_LOG_DIR, else "
-                      "--model_dir/logs.")
-  flags.DEFINE_enum("strategy", "auto", distribute_utils.STRATEGIES, "tf.distribute strategy.")
-  flags.DEFINE_string("tpu", "", "TPU for --strategy=tpu: local, a name or grpc:// address.")
-  flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into N logical devices (runs mirrored "
-                       "without GPUs; for tests and debugging).")
-  flags.DEFINE_enum("mixed_precision", "auto", performance.MIXED_PRECISION,
-                    "auto: mixed_float16 on GPU, mixed_bfloat16 on TPU, float32 on CPU.")
-  flags.DEFINE_integer("image_size", 224, "Training image size (square).")
-  flags.DEFINE_integer("global_batch_size", 32, "Batch size over all replicas.")
-  flags.DEFINE_string("weights", "imagenet", "imagenet, none (random init) or a ResNet-50 "
-                      "no-top weights file (local or gs://).")
-  flags.DEFINE_integer("stage1_epochs", 10, "Epochs training the head on a frozen backbone.")
-  flags.DEFINE_integer("stage2_epochs", 10, "Epochs fine-tuning the top layers.")
-  flags.DEFINE_integer("fine_tune_layers", 50, "Backbone layers unfrozen in stage 2 (BatchNorm stays frozen).")
-  flags.DEFINE_float("stage1_lr", 1e-4, "Adam learning rate in stage 1.")
-  flags.DEFINE_float("stage2_lr", 2e-5, "Adam learning rate in stage 2.")
-  flags.DEFINE_enum("monitor", "val_f1", MONITORS, "Metric for the best model and early stopping "
-                    "(val_f1: Keras's macro F1Score).")
-  flags.DEFINE_integer("patience", 6, "EarlyStopping patience, in epochs.")
-  flags.DEFINE_bool("class_weights", True, "Weight the loss by inverse class frequency.")
-  flags.DEFINE_enum("jit_compile", "auto", performance.JIT_COMPILE, "XLA-compile the training "
-                    "step, augmentation included. auto: on for TPUs and GPUs, off on CPUs.")
-  flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.")
-  flags.DEFINE_integer("backup_steps", 0, "Also back up every N training steps (0: at each epoch's "
-                       "end only). A backup is always saved on SIGTERM.")
-  flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
-  flags.DEFINE_bool("debug", False, "A small subset (64 train, 32 validation and test images) "
-                    "for a quick run on one GPU or CPU.")
-  flags.DEFINE_bool("run_eagerly", False, "Run the model eagerly (slow; for debugging).")
-  flags.DEFINE_bool("evaluate", True, "Evaluate the best model on the test split at the end.")
-  flags.DEFINE_string("export_dir", None, "Also write a serving SavedModel (JPEG bytes in, "
-                      "calibrated probabilities out) here at the end.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,20 +53,74 @@ class TrainConfig:
 
   @property
   def logs_dir(self) -> str:
-    return self.tensorboard_dir or os.path.join(self.model_dir, "logs")
+    return self.tensorboard_dir or artifacts.path(self.model_dir, artifacts.LOGS_DIR)
+
+
+def default(name: str):
+  return TrainConfig.__dataclass_fields__[name].default
+
+
+def define_flags():
+  d = default
+  flags.DEFINE_string("data_dir", None, "Converted shards (local or gs://), with manifest.json.")
+  flags.DEFINE_string("model_dir", None, "Where artifacts go (local or gs://). Default: "
+                      f"$AIP_MODEL_DIR on Vertex AI, else {d('model_dir')}/.")
+  flags.DEFINE_string("checkpoint_dir", None, "Stage checkpoints and backups. Default: "
+                      "$AIP_CHECKPOINT_DIR on Vertex AI, else --model_dir.")
+  flags.DEFINE_string("tensorboard_dir", None, "TensorBoard logs. Default: $AIP_TENSORBOARD_LOG_DIR, else "
+                      "--model_dir/logs.")
+  flags.DEFINE_enum("strategy", d("strategy"), distribute_utils.STRATEGIES, "tf.distribute strategy.")
+  flags.DEFINE_string("tpu", d("tpu"), "TPU for --strategy=tpu: local, a name or grpc:// address.")
+  flags.DEFINE_integer("cpu_devices", d("cpu_devices"), "Split the CPU into N logical devices (runs "
+                       "mirrored without GPUs; for tests and debugging).")
+  flags.DEFINE_enum("mixed_precision", d("mixed_precision"), performance.MIXED_PRECISION,
+                    "auto: mixed_float16 on GPU, mixed_bfloat16 on TPU, float32 on CPU.")
+  flags.DEFINE_integer("image_size", d("image_size"), "Training image size (square).")
+  flags.DEFINE_integer("global_batch_size", d("global_batch_size"), "Batch size over all replicas (a "
+                       "multiple of their number).")
+  flags.DEFINE_string("weights", d("weights"), "imagenet, none (random init) or a ResNet-50 "
+                      "no-top weights file (local or gs://).")
+  flags.DEFINE_integer("stage1_epochs", d("stage1_epochs"), "Epochs training the head on a frozen backbone.")
+  flags.DEFINE_integer("stage2_epochs", d("stage2_epochs"), "Epochs fine-tuning the top layers.")
+  flags.DEFINE_integer("fine_tune_layers", d("fine_tune_layers"), "Backbone layers unfrozen in stage 2 "
+                       "(BatchNorm stays frozen).")
+  flags.DEFINE_float("stage1_lr", d("stage1_lr"), "Adam learning rate in stage 1.")
+  flags.DEFINE_float("stage2_lr", d("stage2_lr"), "Adam learning rate in stage 2.")
+  flags.DEFINE_enum("monitor", d("monitor"), MONITORS, "Metric for the best model and early stopping "
+                    "(val_f1: Keras's macro F1Score).")
+  flags.DEFINE_integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
+  flags.DEFINE_bool("class_weights", d("class_weights"), "Weight the loss by inverse class frequency.")
+  flags.DEFINE_enum("jit_compile", d("jit_compile"), performance.JIT_COMPILE, "XLA-compile the training "
+                    "step, augmentation included. auto: on for TPUs and GPUs, off on CPUs.")
+  flags.DEFINE_integer("steps_per_execution", d("steps_per_execution"), "Training steps per "
+                       "tf.function call (at most an epoch's).")
+  flags.DEFINE_integer("backup_steps", d("backup_steps"), "Also back up every N training steps (0: at "
+                       "each epoch's end only). A backup is always saved on SIGTERM.")
+  flags.DEFINE_integer("seed", d("seed"), "Random seed (weights, shuffling, augmentation).")
+  flags.DEFINE_bool("debug", d("debug"), "A small subset (64 train, 32 validation and test images) "
+                    "for a quick run on one GPU or CPU.")
+  flags.DEFINE_bool("run_eagerly", d("run_eagerly"), "Run the model eagerly (slow; for debugging).")
+  flags.DEFINE_bool("evaluate", d("evaluate"), "Evaluate the best model on the test split at the end.")
+  flags.DEFINE_string("export_dir", d("export_dir"), "Also write a serving SavedModel (JPEG bytes in, "
+                      "calibrated probabilities out) here at the end.")
 
 
 def config_from_flags() -> TrainConfig:
-  if not FLAGS.data_dir:
-    raise flags.ValidationError("--data_dir is required (the converter's output folder)")
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig) if f.name in FLAGS}
-  values["model_dir"] = FLAGS.model_dir or os.environ.get("AIP_MODEL_DIR") or "artifacts"
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)}
+  values["model_dir"] = FLAGS.model_dir or os.environ.get("AIP_MODEL_DIR") or default("model_dir")
   values["checkpoint_dir"] = FLAGS.checkpoint_dir or os.environ.get("AIP_CHECKPOINT_DIR")
   values["tensorboard_dir"] = FLAGS.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR")
+  return validated(TrainConfig(**values))
+
+
+def validated(cfg: TrainConfig) -> TrainConfig:
+  """`cfg`, or a UserError naming the first flag whose value cannot work."""
+  if not cfg.data_dir:
+    raise cli.UserError("--data_dir is required (the converter's output folder)")
   for name in ("image_size", "global_batch_size", "steps_per_execution"):
-    if values[name] < 1:
-      raise flags.ValidationError(f"--{name} must be at least 1")
-  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps"):
-    if values[name] < 0:
-      raise flags.ValidationError(f"--{name} must not be negative")
-  return TrainConfig(**values)
+    if getattr(cfg, name) < 1:
+      raise cli.UserError(f"--{name}={getattr(cfg, name)} must be at least 1")
+  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps", "cpu_devices"):
+    if getattr(cfg, name) < 0:
+      raise cli.UserError(f"--{name}={getattr(cfg, name)} must not be negative")
+  return cfg

@@ -1,5 +1,10 @@
 """The input pipeline: shards → uint8 images at the training size, cached, batched.
 
+Three datasets, one per use: `train_dataset` (shuffled, repeated, full
+batches), `validation_dataset` (one pass, the last batch padded with rows that
+weigh nothing) and `prediction_dataset` (one pass with each image's ids and
+metadata, for evaluation). The number of classes is the manifest's.
+
 list shards → interleave → parse → decode → resize → **cache uint8** →
 shuffle/repeat → batch uint8 → prefetch. Batching uint8 costs a quarter of
 batching float32, so the cast, the random augmentation and `preprocess_input`
@@ -9,38 +14,16 @@ run on the accelerator, inside the training wrapper (job/model.py).
 import dataclasses
 import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from tfrecords import features, fileio
+from tfrecords import features
+from tfrecords.manifest import SplitInfo
 
-MANIFEST_FILE = "manifest.json"
 # What predictions.csv carries beside each prediction, for audit and subgroup metrics.
 METADATA_KEYS = {"image_id": features.SOURCE_ID, "lesion_id": features.LESION_ID,
                  "age": features.AGE, "sex": features.SEX, "localization": features.LOCALIZATION}
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitInfo:
-  files: list[str]
-  num_examples: int
-  class_counts: list[int]
-
-
-def read_manifest(data_dir: str) -> dict:
-  path = fileio.join(data_dir, MANIFEST_FILE)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"--data_dir={data_dir}: no {MANIFEST_FILE} (not a finished conversion; "
-                            "run python -m tfrecords.convert)")
-  return fileio.read_json(path)
-
-
-def split_info(data_dir: str, manifest: dict, split: str) -> SplitInfo:
-  info = manifest["splits"][split]
-  files = [fileio.join(data_dir, shard["name"]) for shard in info["shards"]]
-  return SplitInfo(files, info["num_examples"], [info["class_counts"][c] for c in features.CLASS_NAMES])
 
 
 def class_weights(class_counts: list[int]) -> np.ndarray:
@@ -50,11 +33,6 @@ def class_weights(class_counts: list[int]) -> np.ndarray:
   weights = np.ones(len(class_counts))
   weights[present] = compute_class_weight("balanced", classes=present, y=labels)
   return weights
-
-
-def preprocess(images: tf.Tensor) -> tf.Tensor:
-  """uint8 → what the inner model takes: ResNet-50's caffe preprocessing (RGB→BGR, minus mean)."""
-  return keras.applications.resnet50.preprocess_input(tf.cast(images, tf.float32))
 
 
 def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files: bool, seed: int = 0,
@@ -96,7 +74,8 @@ def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, s
   dataset = dataset.map(lambda image, label, _: (image, label)).cache()  # before any random op
   dataset = dataset.shuffle(min(info.num_examples, 10_000), seed=seed, reshuffle_each_iteration=True)
   dataset = dataset.repeat()
-  dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, features.NUM_CLASSES)),
+  num_classes = len(info.class_counts)
+  dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, num_classes)),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   dataset = dataset.batch(global_batch_size, drop_remainder=True)
   return _finish(dataset, tf.data.experimental.AutoShardPolicy.FILE)
@@ -126,9 +105,10 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
   weight = steps * global_batch_size / max(num_examples, 1)
   real = _decoded(info, image_size, [], shuffle_files=False, take=take)
   real = real.map(lambda image, label, _: (image, label)).cache()
-  real = real.map(lambda image, label: (image, tf.one_hot(label, features.NUM_CLASSES), weight))
+  num_classes = len(info.class_counts)
+  real = real.map(lambda image, label: (image, tf.one_hot(label, num_classes), weight))
   pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),
-                                      tf.zeros(features.NUM_CLASSES), 0.0)).repeat(padding)
+                                      tf.zeros(num_classes), 0.0)).repeat(padding)
   dataset = real.concatenate(pad).batch(global_batch_size, drop_remainder=True)
   # Keras then starts each epoch's validation afresh instead of reading past the end.
   dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
@@ -140,6 +120,6 @@ def prediction_dataset(info: SplitInfo, image_size: int, batch_size: int, *,
   """(uint8 images, one-hot labels, metadata dict) batches, one pass in file order, for
   evaluation on one machine (the last batch may be smaller)."""
   dataset = _decoded(info, image_size, list(METADATA_KEYS.values()), shuffle_files=False, take=take)
-  dataset = dataset.map(lambda image, label, metadata: (image, tf.one_hot(label, features.NUM_CLASSES),
-                                                        metadata))
+  num_classes = len(info.class_counts)
+  dataset = dataset.map(lambda image, label, metadata: (image, tf.one_hot(label, num_classes), metadata))
   return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -13,27 +13,31 @@ artifacts/, where the seed's inference example reads them.
 import os
 
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from job import config as config_lib, train
-from tfrecords import fileio, synthetic
+from job import artifacts, config as config_lib, evaluate, train
+from tfrecords import cli, fileio, synthetic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("work_dir", "demo_output", "Where the synthetic images and shards go.")
-flags.DEFINE_string("model_dir", "artifacts", "Where the artifacts go (replaced if it holds an earlier run).")
-flags.DEFINE_integer("num_images", 800, "Synthetic images.")
-flags.DEFINE_integer("image_size", 64, "Training image size.")
-flags.DEFINE_integer("stage1_epochs", 5, "Head epochs.")
-flags.DEFINE_integer("stage2_epochs", 5, "Fine-tuning epochs.")
-flags.DEFINE_integer("global_batch_size", 16, "Batch size.")
-flags.DEFINE_float("stage1_lr", 1e-3, "Stage 1 learning rate (random features learn slower than "
-                   "ImageNet's, so the demo starts higher than the job's 1e-4).")
-flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
+
+
+def define_flags():
+  flags.DEFINE_string("work_dir", "demo_output", "Where the synthetic images and shards go.")
+  flags.DEFINE_string("model_dir", "artifacts", "Where the artifacts go (replaced if it holds an "
+                      "earlier run).")
+  flags.DEFINE_integer("num_images", 800, "Synthetic images.")
+  flags.DEFINE_integer("image_size", 64, "Training image size.")
+  flags.DEFINE_integer("stage1_epochs", 5, "Head epochs.")
+  flags.DEFINE_integer("stage2_epochs", 5, "Fine-tuning epochs.")
+  flags.DEFINE_integer("global_batch_size", 16, "Batch size.")
+  flags.DEFINE_float("stage1_lr", 1e-3, "Stage 1 learning rate (random features learn slower than "
+                     "ImageNet's, so the demo starts higher than the job's 1e-4).")
+  flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
 
 
 def main(argv):
   del argv
-  if tf.io.gfile.exists(fileio.join(FLAGS.model_dir, "run_config.json")):
+  if tf.io.gfile.exists(artifacts.path(FLAGS.model_dir, artifacts.RUN_CONFIG_FILE)):
     logging.info("replacing the earlier run in %s", FLAGS.model_dir)
     fileio.remove_if_exists(FLAGS.model_dir)
   _, shards_dir, _ = synthetic.write_and_convert(FLAGS.work_dir, FLAGS.num_images, FLAGS.image_size,
@@ -43,18 +47,13 @@ def main(argv):
       global_batch_size=FLAGS.global_batch_size, stage1_epochs=FLAGS.stage1_epochs,
       stage2_epochs=FLAGS.stage2_epochs, stage1_lr=FLAGS.stage1_lr, mixed_precision="off",
       seed=FLAGS.seed)
-  metrics = train.run(cfg)
-  baselines, ci = metrics["baselines"], metrics["confidence_intervals_95"]
+  metrics = train.train_and_evaluate(cfg)
   print(f"\nTest split ({metrics['num_images']} images of {metrics['num_lesions']} lesions, "
         "synthetic data; 95% CI over lesions):")
-  for key, label, baseline in (
-      ("balanced_accuracy", "balanced accuracy", baselines["always_nv_balanced_accuracy"]),
-      ("accuracy", "accuracy", baselines["always_nv_accuracy"]), ("macro_f1", "macro F1", None),
-      ("macro_roc_auc", "macro ROC AUC", None)):
-    print(f"  {label:<18}{metrics[key]:.3f}  ({ci[key]['low']:.3f}-{ci[key]['high']:.3f})"
-          + (f"   always-nv {baseline:.3f}" if baseline is not None else ""))
+  for line in evaluate.headline_lines(metrics):
+    print(f"  {line}")
   print(f"Artifacts: {os.path.abspath(FLAGS.model_dir) if fileio.is_local(FLAGS.model_dir) else FLAGS.model_dir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,4 +1,8 @@
-"""Two fixes that let Keras 3's `model.fit` run under MultiWorkerMirroredStrategy.
+"""Where the job leans on Keras internals: each place gated to the Keras versions checked.
+
+Two fixes that let Keras 3's `model.fit` run under MultiWorkerMirroredStrategy
+(`apply`), and the private parts of Keras that the job's own callbacks use
+(`check_backup_internals`, `forget_restored_epoch`).
 
 Upstream: keras-team/keras#20585 (open as of Keras 3.15). As shipped, `fit` on
 several workers fails twice in `keras/src/backend/tensorflow/trainer.py`:
@@ -27,9 +31,12 @@ from absl import logging
 AFFECTED_VERSIONS = ((3, 0), (3, 15))
 
 
+def major_minor(version: str = keras.__version__) -> tuple[int, int]:
+  return tuple(int(part) for part in version.split(".")[:2])
+
+
 def needed(version: str = keras.__version__) -> bool:
-  major_minor = tuple(int(part) for part in version.split(".")[:2])
-  return AFFECTED_VERSIONS[0] <= major_minor <= AFFECTED_VERSIONS[1]
+  return AFFECTED_VERSIONS[0] <= major_minor(version) <= AFFECTED_VERSIONS[1]
 
 
 def _first_local(value):
@@ -83,3 +90,34 @@ def apply(fix_build: bool = True, fix_reduce: bool = True) -> bool:
   logging.info("Keras %s: MultiWorkerMirroredStrategy fixes applied (keras-team/keras#20585)",
                keras.__version__)
   return True
+
+
+# The private parts of keras.callbacks.BackupAndRestore that PreemptibleBackup
+# (job/callbacks.py) reads or replaces, and the versions they were checked on.
+BACKUP_INTERNALS_CHECKED = ((3, 0), (3, 15))
+BACKUP_ATTRIBUTES = ("_weights_path", "_training_metadata_path", "_last_batch_seen")
+BACKUP_METHODS = ("_save_model",)
+
+
+def missing_backup_internals(callback: keras.callbacks.BackupAndRestore) -> list[str]:
+  return ([name for name in BACKUP_ATTRIBUTES if not hasattr(callback, name)]
+          + [name for name in BACKUP_METHODS if not callable(getattr(type(callback), name, None))])
+
+
+def check_backup_internals(callback: keras.callbacks.BackupAndRestore):
+  """Stops with a clear error, rather than a wrong resume, where Keras has changed them."""
+  missing = missing_backup_internals(callback)
+  if missing:
+    checked = "-".join(".".join(map(str, v)) for v in BACKUP_INTERNALS_CHECKED)
+    raise RuntimeError(f"Keras {keras.__version__}: BackupAndRestore has no {', '.join(missing)}; "
+                       f"job/callbacks.py's PreemptibleBackup was written for Keras {checked}")
+
+
+def forget_restored_epoch(model: keras.Model):
+  """BackupAndRestore sets `model._initial_epoch` when it restores a backup, and Keras (3.0-3.15)
+  never clears it: without this, stage 2 after a resumed stage 1 would start at stage 1's
+  resumed epoch instead of its own `initial_epoch`."""
+  if not hasattr(model, "_initial_epoch"):
+    raise RuntimeError(f"Keras {keras.__version__}: Model has no _initial_epoch; check "
+                       "job/keras_compat.forget_restored_epoch against this version")
+  model._initial_epoch = None  # pylint: disable=protected-access

@@ -1,8 +1,11 @@
 """The figures a dermatology reader expects, from predicted probabilities.
 
-Everything comes from scikit-learn where it has the metric; ECE and the
-lesion bootstrap are the two written here. Inputs are numpy arrays: `labels`
-(class indices), `probabilities` (N×7), `lesion_ids` (for the bootstrap).
+Everything comes from scikit-learn where it has the metric; the reliability
+bins (ECE) and the lesion bootstrap are the two written here. Inputs are numpy
+arrays: `labels` (class indices), `probabilities` (N × classes), `lesion_ids`
+(for the bootstrap), and the run's `class_names` in index order. Figures that
+need a class the run does not have (melanoma's operating point, the always-`nv`
+baseline) are left out, and the result says so.
 """
 
 import warnings
@@ -11,63 +14,46 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from tfrecords import features
-
-MEL = features.LABEL_MAP["mel"]
-NV = features.LABEL_MAP["nv"]
-CLASSES = list(range(features.NUM_CLASSES))
+MELANOMA, NEVUS = "mel", "nv"
 AGE_BANDS = (0, 30, 45, 60, 75, 200)
+
+
+def class_index(class_names, name: str) -> int | None:
+  return list(class_names).index(name) if name in class_names else None
 
 
 def headline(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
   predictions = probabilities.argmax(axis=1)
+  classes = list(range(probabilities.shape[1]))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # a resample can miss a class; the metric copes
     return {
         "accuracy": skm.accuracy_score(labels, predictions),
         "balanced_accuracy": skm.balanced_accuracy_score(labels, predictions),
-        "macro_f1": skm.f1_score(labels, predictions, labels=CLASSES, average="macro", zero_division=0),
+        "macro_f1": skm.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0),
         "macro_roc_auc": macro_auc(labels, probabilities),
     }
 
 
 def macro_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
   """One-vs-rest ROC AUC averaged over the classes present (with both outcomes)."""
-  aucs = per_class_auc(labels, probabilities)
-  values = [v for v in aucs.values() if v is not None]
+  values = [v for v in per_class_auc(labels, probabilities) if v is not None]
   return float(np.mean(values)) if values else float("nan")
 
 
-def per_class_auc(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float | None]:
-  out = {}
-  for index, name in enumerate(features.CLASS_NAMES):
+def per_class_auc(labels: np.ndarray, probabilities: np.ndarray) -> list[float | None]:
+  """One-vs-rest ROC AUC of each class, None where the class is absent (or alone)."""
+  out = []
+  for index in range(probabilities.shape[1]):
     positive = labels == index
-    out[name] = (float(skm.roc_auc_score(positive, probabilities[:, index]))
-                 if 0 < positive.sum() < len(labels) else None)
+    out.append(float(skm.roc_auc_score(positive, probabilities[:, index]))
+               if 0 < positive.sum() < len(labels) else None)
   return out
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
-  """ECE: |accuracy − confidence| per equal-width confidence bin, weighted by the bin's share."""
-  confidence = probabilities.max(axis=1)
-  correct = probabilities.argmax(axis=1) == labels
-  edges = np.linspace(0, 1, bins + 1)
-  which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-  ece = 0.0
-  for b in range(bins):
-    members = which == b
-    if members.any():
-      ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-  return float(ece)
-
-
-def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
-  """Multi-class Brier score: mean over images of Σ_k (p_k − y_k)²."""
-  one_hot = np.eye(probabilities.shape[1])[labels]
-  return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
-
-
 def reliability_bins(labels, probabilities, bins: int = 15) -> list[dict]:
+  """Equal-width bins of confidence (the top probability): each bin's count, accuracy and
+  mean confidence. The ECE and the reliability diagram are both read from these."""
   confidence = probabilities.max(axis=1)
   correct = probabilities.argmax(axis=1) == labels
   edges = np.linspace(0, 1, bins + 1)
@@ -78,20 +64,34 @@ def reliability_bins(labels, probabilities, bins: int = 15) -> list[dict]:
           for b in range(bins)]
 
 
-def melanoma_threshold(labels: np.ndarray, probabilities: np.ndarray, specificity: float = 0.90) -> float:
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+  """ECE: |accuracy − confidence| per equal-width confidence bin, weighted by the bin's share."""
+  return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"])
+                   for b in reliability_bins(labels, probabilities, bins) if b["count"]) / len(labels))
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """Multi-class Brier score: mean over images of Σ_k (p_k − y_k)² (scikit-learn's)."""
+  # A float32 softmax sums to 1 only to ~1e-7, and scikit-learn warns past ~1e-8.
+  normalised = probabilities / probabilities.sum(axis=1, keepdims=True)
+  return float(skm.brier_score_loss(labels, normalised, labels=list(range(probabilities.shape[1]))))
+
+
+def melanoma_threshold(labels: np.ndarray, probabilities: np.ndarray, mel: int,
+                       specificity: float = 0.90) -> float:
   """The lowest p(mel) threshold whose specificity on these images is at least `specificity`
   (so sensitivity is as high as that allows). Chosen on validation, applied to test."""
-  is_mel = labels == MEL
+  is_mel = labels == mel
   if is_mel.all() or not is_mel.any():
     return 0.5
-  fpr, _, thresholds = skm.roc_curve(is_mel, probabilities[:, MEL])
+  fpr, _, thresholds = skm.roc_curve(is_mel, probabilities[:, mel])
   allowed = thresholds[fpr <= 1 - specificity + 1e-9]  # 1 - 0.9 is 0.0999… in floating point
   return float(min(allowed.min(), 1.0))
 
 
-def melanoma_operating_point(labels, probabilities, threshold: float) -> dict:
-  is_mel = labels == MEL
-  flagged = probabilities[:, MEL] >= threshold
+def melanoma_operating_point(labels, probabilities, mel: int, threshold: float) -> dict:
+  is_mel = labels == mel
+  flagged = probabilities[:, mel] >= threshold
   return {
       "threshold": threshold,
       "sensitivity": float(flagged[is_mel].mean()) if is_mel.any() else None,
@@ -138,15 +138,22 @@ def lesion_bootstrap(labels, probabilities, lesion_ids, replicates: int = 1000, 
           for key, v in samples.items()} | {"replicates": replicates, "unit": "lesion", "seed": seed}
 
 
-def baselines(labels: np.ndarray) -> dict:
-  always_nv = np.full_like(labels, NV)
-  return {"always_nv_accuracy": float(skm.accuracy_score(labels, always_nv)),
-          "always_nv_balanced_accuracy": float(skm.balanced_accuracy_score(labels, always_nv))}
+def baselines(labels: np.ndarray, class_names) -> dict:
+  """The always-`nv` figures (HAM10000's majority class), or why there are none."""
+  nv = class_index(class_names, NEVUS)
+  if nv is None:
+    return {"always_nv_accuracy": None, "always_nv_balanced_accuracy": None,
+            "note": f"no {NEVUS} class in this run"}
+  always_nv = np.full_like(labels, nv)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a split without nv: balanced accuracy still defined
+    return {"always_nv_accuracy": float(skm.accuracy_score(labels, always_nv)),
+            "always_nv_balanced_accuracy": float(skm.balanced_accuracy_score(labels, always_nv))}
 
 
-def per_class_report(labels, probabilities) -> dict:
-  report = skm.classification_report(labels, probabilities.argmax(axis=1), labels=CLASSES,
-                                     target_names=list(features.CLASS_NAMES), output_dict=True,
-                                     zero_division=0)
+def per_class_report(labels, probabilities, class_names) -> dict:
+  report = skm.classification_report(labels, probabilities.argmax(axis=1),
+                                     labels=list(range(len(class_names))),
+                                     target_names=list(class_names), output_dict=True, zero_division=0)
   aucs = per_class_auc(labels, probabilities)
-  return {name: {**report[name], "roc_auc": aucs[name]} for name in features.CLASS_NAMES}
+  return {name: {**report[name], "roc_auc": auc} for name, auc in zip(class_names, aucs)}

@@ -3,7 +3,7 @@
 inner model (what `best_model.keras` holds, input preprocessed as the seed's
 inference example feeds it, any image size):
   ResNet-50 (no top, BatchNorm in inference mode) → GlobalAveragePooling →
-  Dropout(0.3) → Dense(7, softmax, float32)
+  Dropout(0.3) → Dense(one per class of the shards' manifest, softmax, float32)
 
 training wrapper (never saved as a model; runs on the accelerator, and
 compiles under XLA whole):
@@ -16,17 +16,23 @@ import keras
 import tensorflow as tf
 
 from job import augment as augment_lib
-from tfrecords import features, fileio
+from tfrecords import fileio
 
 BACKBONE_NAME = "resnet50"
 
 
+def preprocess(images):
+  """uint8 or float images in 0-255 → what the inner model takes: ResNet-50's "caffe"
+  preprocessing (RGB→BGR, minus the ImageNet mean, no scaling), as the seed's example does."""
+  return keras.applications.resnet50.preprocess_input(keras.ops.cast(images, "float32"))
+
+
 @keras.saving.register_keras_serializable(package="ham10000")
 class ResNetPreprocess(keras.layers.Layer):
-  """keras.applications.resnet50.preprocess_input ("caffe": RGB→BGR, ImageNet mean, no scaling)."""
+  """`preprocess` as a layer of the training wrapper."""
 
   def call(self, inputs):
-    return keras.applications.resnet50.preprocess_input(inputs)
+    return preprocess(inputs)
 
 
 def build_backbone(weights: str) -> keras.Model:
@@ -43,13 +49,13 @@ def build_backbone(weights: str) -> keras.Model:
   return backbone
 
 
-def build_inner_model(weights: str = "none", dropout: float = 0.3) -> keras.Model:
+def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3) -> keras.Model:
   backbone = build_backbone(weights)
   inputs = keras.Input((None, None, 3), name="image")
   x = backbone(inputs, training=False)  # BatchNorm stays in inference mode in both stages
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
   x = keras.layers.Dropout(dropout, name="dropout")(x)
-  outputs = keras.layers.Dense(features.NUM_CLASSES, activation="softmax", dtype="float32",
+  outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                name="probabilities")(x)
   return keras.Model(inputs, outputs, name="ham10000_resnet50")
 
@@ -96,7 +102,8 @@ def float32_copy(inner: keras.Model) -> keras.Model:
   policy = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
   try:
-    copy = build_inner_model("none", dropout=inner.get_layer("dropout").rate)
+    copy = build_inner_model("none", num_classes=inner.output_shape[-1],
+                             dropout=inner.get_layer("dropout").rate)
   finally:
     keras.mixed_precision.set_global_policy(policy)
   copy.set_weights(inner.get_weights())

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np
 import pandas as pd
 
-from tfrecords import features, fileio
+from tfrecords import fileio
 
 
 def _save(figure, path):
@@ -19,9 +19,8 @@ def _save(figure, path):
   fileio.write_atomic(path, buffer.getvalue())
 
 
-def confusion_matrix(counts: np.ndarray, path: str):
+def confusion_matrix(counts: np.ndarray, names: list[str], path: str):
   """Counts, and rows normalised to recall (the diagonal is per-class sensitivity)."""
-  names = features.CLASS_NAMES
   rows = counts.sum(axis=1, keepdims=True)
   normalised = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
   figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))

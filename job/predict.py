@@ -9,6 +9,7 @@ preprocessed exactly as in training. Probabilities are temperature-calibrated
 (calibration.json) unless --raw.
 """
 
+import dataclasses
 import io
 import os
 
@@ -16,10 +17,10 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from job import calibration, data, evaluate
-from tfrecords import features, fileio
+from job import artifacts, calibration, model as model_lib
+from tfrecords import cli, features, fileio
 
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
 
@@ -35,24 +36,32 @@ def expand_paths(paths: list[str]) -> list[str]:
     elif tf.io.gfile.exists(path):
       out.append(path)
     else:
-      raise FileNotFoundError(f"{path}: no such file or folder")
+      raise cli.UserError(f"{path}: no such file or folder")
   return out
 
 
-def load_for_inference(model_dir: str) -> tuple[keras.Model, int, float]:
-  """The best model, its training image size and its temperature (1.0 if not calibrated)."""
-  image_size = fileio.read_json(fileio.join(model_dir, evaluate.RUN_CONFIG_FILE))["image_size"]
-  calibration_path = fileio.join(model_dir, evaluate.CALIBRATION_FILE)
-  temperature = (fileio.read_json(calibration_path)["temperature"]
-                 if tf.io.gfile.exists(calibration_path) else 1.0)
-  return evaluate.load_best_model(model_dir), image_size, temperature
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+  """What inference needs from a run: the best model, its training image size, its classes
+  (label_map.json) and its temperature (1.0 before the run is calibrated)."""
+  model: keras.Model
+  image_size: int
+  class_names: tuple[str, ...]
+  temperature: float
 
 
-def predict_files(model: keras.Model, paths: list[str], image_size: int, temperature: float = 1.0,
+def load_for_inference(model_dir: str) -> InferenceModel:
+  image_size = artifacts.read_run_config(model_dir)["image_size"]
+  calibration_json = artifacts.read_calibration(model_dir)
+  return InferenceModel(artifacts.load_best_model(model_dir), image_size, artifacts.class_names(model_dir),
+                        calibration_json["temperature"] if calibration_json else 1.0)
+
+
+def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool = True,
                   tta: bool = False, batch_size: int = 32) -> pd.DataFrame:
   """Label, probability and top 3 per image, plus every class probability."""
   def load(path):
-    return features.decode_and_resize(tf.io.read_file(path), image_size)
+    return features.decode_and_resize(tf.io.read_file(path), inference.image_size)
 
   dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
   probabilities = []
@@ -61,9 +70,11 @@ def predict_files(model: keras.Model, paths: list[str], image_size: int, tempera
     if tta:  # the four flips of each image, averaged
       views += [tf.image.flip_left_right(images), tf.image.flip_up_down(images),
                 tf.image.flip_up_down(tf.image.flip_left_right(images))]
-    probabilities.append(np.mean([model.predict_on_batch(data.preprocess(v)) for v in views], axis=0))
-  probabilities = calibration.apply_temperature(np.concatenate(probabilities).astype(np.float64), temperature)
-  names = np.asarray(features.CLASS_NAMES)
+    probabilities.append(np.mean([inference.model.predict_on_batch(model_lib.preprocess(v))
+                                  for v in views], axis=0))
+  probabilities = calibration.apply_temperature(np.concatenate(probabilities).astype(np.float64),
+                                                inference.temperature if calibrated else 1.0)
+  names = np.asarray(inference.class_names)
   order = np.argsort(-probabilities, axis=1)
   table = pd.DataFrame({"path": paths, "label": names[order[:, 0]],
                         "probability": probabilities[np.arange(len(paths)), order[:, 0]],
@@ -74,19 +85,20 @@ def predict_files(model: keras.Model, paths: list[str], image_size: int, tempera
   return table
 
 
-def export_serving(model: keras.Model, image_size: int, temperature: float, export_dir: str):
+def export_serving(inference: InferenceModel, export_dir: str):
   """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities.
 
   The input is named `image_bytes`: Vertex AI Prediction and TF Serving decode
   `{"b64": ...}` for an input whose name ends in `_bytes`."""
-  class_names = tf.constant(features.CLASS_NAMES)
+  class_names = tf.constant(inference.class_names)
+  image_size, model = inference.image_size, inference.model
 
   def serve(image_bytes):
     images = tf.map_fn(lambda b: features.decode_and_resize(b, image_size), image_bytes,
                        fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
-    probabilities = model(data.preprocess(images), training=False)
-    logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), 1e-12, 1.0))
-    calibrated = tf.nn.softmax(logits / temperature)
+    probabilities = model(model_lib.preprocess(images), training=False)
+    logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), calibration.EPSILON, 1.0))
+    calibrated = tf.nn.softmax(logits / inference.temperature)
     return {"probabilities": calibrated,
             "classes": tf.tile(class_names[None], [tf.shape(calibrated)[0], 1]),
             "label": tf.gather(class_names, tf.argmax(calibrated, axis=1))}
@@ -98,18 +110,26 @@ def export_serving(model: keras.Model, image_size: int, temperature: float, expo
   archive.write_out(export_dir)
 
 
+def define_flags():
+  flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
+  flags.DEFINE_bool("tta", False, "Average the probabilities over the image's four flips.")
+  flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
+  flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
+  flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
+
+
 def main(argv):
   FLAGS = flags.FLAGS
-  model, image_size, temperature = load_for_inference(FLAGS.model_dir)
+  inference = load_for_inference(FLAGS.model_dir)
   if FLAGS.export_dir:
-    export_serving(model, image_size, temperature, FLAGS.export_dir)
+    export_serving(inference, FLAGS.export_dir)
     logging.info("serving SavedModel written to %s", FLAGS.export_dir)
   paths = expand_paths(argv[1:])
   if not paths:
     if not FLAGS.export_dir:
-      raise app.UsageError("give JPEG files, folders or globs to predict (or --export_dir)")
+      raise cli.UserError("give JPEG files, folders or globs to predict (or --export_dir)")
     return
-  table = predict_files(model, paths, image_size, 1.0 if FLAGS.raw else temperature, FLAGS.tta)
+  table = predict_files(inference, paths, calibrated=not FLAGS.raw, tta=FLAGS.tta)
   if FLAGS.output:
     out = io.StringIO()
     table.to_csv(out, index=False)
@@ -119,9 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
-  flags.DEFINE_bool("tta", False, "Average the probabilities over the image's four flips.")
-  flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
-  flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
-  flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
-  app.run(main)
+  cli.run(main, define_flags)

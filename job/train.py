@@ -17,12 +17,11 @@ import keras
 import numpy as np
 import sklearn
 import tensorflow as tf
-from absl import app, logging
+from absl import logging
 
-from job import callbacks as callbacks_lib
-from job import config as config_lib
-from job import data, distribute_utils, evaluate as evaluate_lib, model as model_lib, performance, predict
-from tfrecords import features, fileio
+from job import artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
+from job import evaluate as evaluate_lib, keras_compat, model as model_lib, performance, predict
+from tfrecords import cli, fileio, manifest as manifest_lib
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
@@ -45,12 +44,12 @@ class Run:
   chief: bool
 
   def path(self, *parts):
-    return fileio.join(self.model_dir, *parts)
+    return artifacts.path(self.model_dir, *parts)
 
   def checkpoint_path(self, *parts):
     # Every worker reads the chief's stage markers, so that all skip the same stages;
     # only the chief writes them.
-    return fileio.join(self.config.checkpoint_root, "checkpoints", *parts)
+    return fileio.join(self.config.checkpoint_root, artifacts.CHECKPOINTS_DIR, *parts)
 
 
 def monitor_mode(monitor: str) -> str:
@@ -105,17 +104,17 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   # Every worker restores the chief's backup, so that all resume at the same step with the
   # same weights; the others save theirs apart (one folder shared by two writers fails on
   # h5 file locks), in their temporary folder.
-  backup = fileio.join(cfg.checkpoint_root, "backup", f"stage{stage}")
-  own_backup = backup if run.chief else fileio.join(
-      run.model_dir, "backup", f"stage{stage}-worker{run.strategy.cluster_resolver.task_id}")
+  backup = fileio.join(cfg.checkpoint_root, artifacts.BACKUP_DIR, f"stage{stage}")
+  own_backup = backup if run.chief else run.path(
+      artifacts.BACKUP_DIR, f"stage{stage}-worker{run.strategy.cluster_resolver.task_id}")
   callbacks = [
-      callbacks_lib.BestModelCheckpoint(run.inner, run.path(evaluate_lib.BEST_MODEL_FILE),
-                                        run.path("best_model.json"), cfg.monitor, mode, stage,
+      callbacks_lib.BestModelCheckpoint(run.inner, run.path(artifacts.BEST_MODEL_FILE),
+                                        run.path(artifacts.BEST_MODEL_STATE_FILE), cfg.monitor, mode, stage,
                                         write=run.chief),
-      callbacks_lib.HistoryCSV(run.path("history.csv"), stage, write=run.chief),
+      callbacks_lib.HistoryCSV(run.path(artifacts.HISTORY_FILE), stage, write=run.chief),
       keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience),
       keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-7),
-      keras.callbacks.TensorBoard(cfg.logs_dir if run.chief else run.path("logs")),
+      keras.callbacks.TensorBoard(cfg.logs_dir if run.chief else run.path(artifacts.LOGS_DIR)),
   ]
   if run.chief and callbacks_lib.in_tuning_trial():
     callbacks.append(callbacks_lib.HypertuneReporter(cfg.monitor))
@@ -136,10 +135,7 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
     return done["next_epoch"]
   if epochs == 0:
     return initial_epoch
-  # BackupAndRestore sets model._initial_epoch when it restores a backup, and Keras
-  # 3.15 never clears it: without this, stage 2 after a resumed stage 1 would start
-  # at stage 1's resumed epoch instead of `initial_epoch`.
-  run.wrapper._initial_epoch = None  # pylint: disable=protected-access
+  keras_compat.forget_restored_epoch(run.wrapper)
   history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=run.steps_per_epoch, validation_data=run.validation.dataset,
                             validation_steps=run.validation.steps, callbacks=stage_callbacks(run, stage),
@@ -169,17 +165,17 @@ def fine_tune(run: Run, initial_epoch: int) -> int:
   return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
 
 
-def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool) -> dict:
+def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, class_names) -> dict:
   return {
       "flags": dataclasses.asdict(cfg),
       "image_size": cfg.image_size,
       "seed": cfg.seed,
-      "class_names": list(features.CLASS_NAMES),
+      "class_names": list(class_names),
       "strategy": distribute_utils.public_name(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
       "dtype_policy": policy,
       "xla": xla,  # in effect: compile_model stops the job if Keras turns it off
-      "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, data.MANIFEST_FILE)),
+      "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE)),
       "command": sys.argv,
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                    "keras": keras.__version__, "numpy": np.__version__,
@@ -204,30 +200,31 @@ def epoch_steps(num_train: int, global_batch_size: int, steps_per_execution: int
 
 def preflight(cfg: config_lib.TrainConfig, chief: bool) -> dict:
   """Fails in seconds, not after an hour of training, when data or model_dir is unusable."""
-  manifest = data.read_manifest(cfg.data_dir)
-  for split in features.SPLITS:
-    for shard in data.split_info(cfg.data_dir, manifest, split).files:
+  manifest = manifest_lib.read(cfg.data_dir)
+  for split in ("train", "validation") + (("test",) if cfg.evaluate else ()):
+    for shard in manifest_lib.split_info(cfg.data_dir, manifest, split).files:
       if not tf.io.gfile.exists(shard):
-        raise FileNotFoundError(f"--data_dir={cfg.data_dir}: {shard} listed in manifest.json is missing")
+        raise cli.UserError(f"--data_dir={cfg.data_dir}: {shard} listed in {manifest_lib.MANIFEST_FILE} "
+                            "is missing")
   if chief:
     probe = fileio.join(cfg.model_dir, ".write_probe")
     try:
       fileio.write_atomic(probe, "ok")
       tf.io.gfile.remove(probe)
     except (tf.errors.OpError, OSError) as e:
-      raise PermissionError(f"--model_dir={cfg.model_dir} is not writable: {e}") from e
+      raise cli.UserError(f"--model_dir={cfg.model_dir} is not writable: {e}") from e
   return manifest
 
 
-def run(cfg: config_lib.TrainConfig) -> dict:
+def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   """Trains both stages and evaluates; returns the test metrics (or {})."""
   if cfg.cpu_devices:
     distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
   strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)
   if cfg.global_batch_size % strategy.num_replicas_in_sync:
     # Each replica gets an equal share of every batch: one static shape per replica.
-    raise ValueError(f"--global_batch_size={cfg.global_batch_size} must be a multiple of the "
-                     f"{strategy.num_replicas_in_sync} replicas")
+    raise cli.UserError(f"--global_batch_size={cfg.global_batch_size} must be a multiple of the "
+                        f"{strategy.num_replicas_in_sync} replicas")
   strategy_name = distribute_utils.resolve_strategy_name(cfg.strategy)
   policy = performance.policy_name(cfg.mixed_precision, strategy_name)
   performance.set_policy(policy)
@@ -235,14 +232,15 @@ def run(cfg: config_lib.TrainConfig) -> dict:
   keras.utils.set_random_seed(cfg.seed)
   chief = distribute_utils.is_chief(strategy)
   manifest = preflight(cfg, chief)
+  class_names = manifest_lib.class_names(manifest)
   model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
   if chief:
-    fileio.write_json(fileio.join(model_dir, evaluate_lib.RUN_CONFIG_FILE),
-                      run_config(cfg, strategy, policy, xla))
-    fileio.write_json(fileio.join(model_dir, "label_map.json"), features.LABEL_MAP)
+    fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
+                      run_config(cfg, strategy, policy, xla, class_names))
+    artifacts.write_label_map(model_dir, class_names)
 
-  train_info = data.split_info(cfg.data_dir, manifest, "train")
-  val_info = data.split_info(cfg.data_dir, manifest, "validation")
+  train_info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
+  val_info = manifest_lib.split_info(cfg.data_dir, manifest, "validation")
   take_train = DEBUG_TRAIN_EXAMPLES if cfg.debug else None
   take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
   num_train = min(train_info.num_examples, take_train or train_info.num_examples)
@@ -258,7 +256,7 @@ def run(cfg: config_lib.TrainConfig) -> dict:
                None if weights is None else np.round(weights, 2).tolist(), "on" if xla else "off")
 
   with strategy.scope():
-    inner = model_lib.build_inner_model(cfg.weights)
+    inner = model_lib.build_inner_model(cfg.weights, num_classes=len(class_names))
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
               weights, model_dir, chief)
@@ -276,7 +274,7 @@ def run(cfg: config_lib.TrainConfig) -> dict:
     metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
                                     take=take_eval)
   if cfg.export_dir and chief:
-    predict.export_serving(*predict.load_for_inference(model_dir), cfg.export_dir)
+    predict.export_serving(predict.load_for_inference(model_dir), cfg.export_dir)
   logging.info("artifacts in %s", cfg.model_dir)
   return metrics
 
@@ -284,12 +282,11 @@ def run(cfg: config_lib.TrainConfig) -> dict:
 def main(argv):
   del argv
   try:
-    run(config_lib.config_from_flags())
+    train_and_evaluate(config_lib.config_from_flags())
   except callbacks_lib.Preempted as preempted:
     logging.warning("preempted: %s; a restart resumes from it", preempted)
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-  config_lib.define_flags()
-  app.run(main)
+  cli.run(main, config_lib.define_flags)

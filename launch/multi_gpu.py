@@ -9,14 +9,14 @@ over all GPUs: scale it (and perhaps the learning rates) with the GPU count.
 import os
 import sys
 
-from absl import app
+from tfrecords import cli
 
 
 def command(argv: list[str], num_gpus: int) -> list[str]:
   if num_gpus == 0:
-    raise app.UsageError("no GPU visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+    raise cli.UserError("no GPU visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
   if any(a.startswith("--strategy") for a in argv):
-    raise app.UsageError("launch.multi_gpu sets --strategy=mirrored itself")
+    raise cli.UserError("launch.multi_gpu sets --strategy=mirrored itself")
   return [sys.executable, "-m", "job.train", "--strategy=mirrored", *argv]
 
 
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

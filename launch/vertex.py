@@ -18,25 +18,31 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from tfrecords import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("project", None, "Google Cloud project.")
-flags.DEFINE_string("region", "us-central1", "Vertex AI region.")
-flags.DEFINE_string("image_uri", None, "The trainer image (see the Dockerfile).")
-flags.DEFINE_string("data_dir", None, "gs:// folder of the converted shards.")
-flags.DEFINE_string("model_dir", None, "gs:// base output directory of the run.")
-flags.DEFINE_string("machine_type", "n1-standard-8", "Machine of every replica, e.g. a2-highgpu-1g; "
-                    "TPUs: cloud-tpu (with TPU_V2 or TPU_V3) or ct5lp-hightpu-1t/4t/8t (TPU v5e).")
-flags.DEFINE_string("accelerator_type", None, "e.g. NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_H100_80GB, TPU_V3.")
-flags.DEFINE_integer("accelerator_count", 0, "Accelerators per replica (default: 1 GPU; a TPU's "
-                     "own count: 8 cores for v2/v3, the machine type's chips for v5e).")
-flags.DEFINE_integer("replica_count", 1, "Machines in all, the chief included.")
-flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; the job resumes from its backups).")
-flags.DEFINE_string("service_account", None, "Service account the job runs as.")
-flags.DEFINE_string("tensorboard", None, "Vertex AI TensorBoard resource name for the logs.")
-flags.DEFINE_string("display_name", None, "Job name (default: ham10000-resnet50-TIMESTAMP).")
-flags.DEFINE_bool("dry_run", False, "Print the CustomJob as JSON and submit nothing.")
+
+
+def define_flags():
+  flags.DEFINE_string("project", None, "Google Cloud project.")
+  flags.DEFINE_string("region", "us-central1", "Vertex AI region.")
+  flags.DEFINE_string("image_uri", None, "The trainer image (see the Dockerfile).")
+  flags.DEFINE_string("data_dir", None, "gs:// folder of the converted shards.")
+  flags.DEFINE_string("model_dir", None, "gs:// base output directory of the run.")
+  flags.DEFINE_string("machine_type", "n1-standard-8", "Machine of every replica, e.g. a2-highgpu-1g; "
+                      "TPUs: cloud-tpu (with TPU_V2 or TPU_V3) or ct5lp-hightpu-1t/4t/8t (TPU v5e).")
+  flags.DEFINE_string("accelerator_type", None, "e.g. NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_H100_80GB, TPU_V3.")
+  flags.DEFINE_integer("accelerator_count", 0, "Accelerators per replica (default: 1 GPU; a TPU's "
+                       "own count: 8 cores for v2/v3, the machine type's chips for v5e).")
+  flags.DEFINE_integer("replica_count", 1, "Machines in all, the chief included.")
+  flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; the job resumes from its backups).")
+  flags.DEFINE_string("service_account", None, "Service account the job runs as.")
+  flags.DEFINE_string("tensorboard", None, "Vertex AI TensorBoard resource name for the logs.")
+  flags.DEFINE_string("display_name", None, "Job name (default: ham10000-resnet50-TIMESTAMP).")
+  flags.DEFINE_bool("dry_run", False, "Print the CustomJob as JSON and submit nothing.")
+
 
 TPU_MACHINE_PREFIXES = ("ct", "cloud-tpu")
 # TPU v2 and v3 on Vertex AI: machine type "cloud-tpu", one host of 8 TPU cores.
@@ -54,7 +60,7 @@ def gpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accele
   machine = v1.MachineSpec(machine_type=machine_type)
   if accelerator_type:
     if accelerator_type not in v1.AcceleratorType.__members__:
-      raise ValueError(f"--accelerator_type={accelerator_type}: not one of Vertex AI's "
+      raise cli.UserError(f"--accelerator_type={accelerator_type}: not one of Vertex AI's "
                        f"({', '.join(sorted(v1.AcceleratorType.__members__))})")
     machine.accelerator_type = v1.AcceleratorType[accelerator_type]
     machine.accelerator_count = accelerator_count or 1
@@ -65,13 +71,13 @@ def tpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accele
                      replica_count: int):
   """The MachineSpec of a TPU that TensorFlow runs on in Vertex AI: v2, v3 (8 cores) or v5e."""
   if replica_count > 1:
-    raise ValueError(f"--replica_count={replica_count}: TPUs run as one machine here (multi-host TPU "
+    raise cli.UserError(f"--replica_count={replica_count}: TPUs run as one machine here (multi-host TPU "
                      "slices are not supported by this job; each replica would train alone into the "
                      "same --model_dir). Use --replica_count=1 with a larger TPU machine.")
   if machine_type in TPU_V5E:
     chips, topology = TPU_V5E[machine_type]
     if accelerator_type not in (None, "TPU_V5_LITEPOD") or accelerator_count not in (0, chips):
-      raise ValueError(f"--machine_type={machine_type} has {chips} TPU v5e chips: leave out "
+      raise cli.UserError(f"--machine_type={machine_type} has {chips} TPU v5e chips: leave out "
                        "--accelerator_type and --accelerator_count (or give TPU_V5_LITEPOD and "
                        f"{chips})")
     return v1.MachineSpec(machine_type=machine_type, accelerator_type=v1.AcceleratorType.TPU_V5_LITEPOD,
@@ -79,12 +85,12 @@ def tpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accele
   if accelerator_type in TPU_V2_V3:
     cores = TPU_V2_V3[accelerator_type]
     if machine_type != "cloud-tpu" or accelerator_count not in (0, cores):
-      raise ValueError(f"--accelerator_type={accelerator_type}: Vertex AI runs it as "
+      raise cli.UserError(f"--accelerator_type={accelerator_type}: Vertex AI runs it as "
                        f"--machine_type=cloud-tpu with {cores} cores (--accelerator_count={cores})")
     return v1.MachineSpec(machine_type=machine_type, accelerator_type=v1.AcceleratorType[accelerator_type],
                           accelerator_count=cores)
   given = f"--machine_type={machine_type}" + (f" --accelerator_type={accelerator_type}" if accelerator_type else "")
-  raise ValueError(f"{given}: TensorFlow "
+  raise cli.UserError(f"{given}: TensorFlow "
                    "trains on Vertex AI's TPU v2 and v3 (--machine_type=cloud-tpu "
                    "--accelerator_type=TPU_V2|TPU_V3) and v5e (--machine_type="
                    f"{'|'.join(TPU_V5E)}); TPU v4, v5p and v6e run JAX and PyTorch only")
@@ -106,7 +112,7 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it)."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   if replica_count < 1:
-    raise ValueError(f"--replica_count={replica_count}: at least 1 (it counts the chief)")
+    raise cli.UserError(f"--replica_count={replica_count}: at least 1 (it counts the chief)")
   if is_tpu(machine_type, accelerator_type):
     machine = tpu_machine_spec(v1, machine_type, accelerator_type, accelerator_count, replica_count)
   else:
@@ -138,19 +144,16 @@ def main(argv):
   passthrough = argv[1:]
   for name in ("image_uri", "data_dir", "model_dir") + (() if FLAGS.dry_run else ("project",)):
     if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
+      raise cli.UserError(f"--{name} is required")
   for name in ("data_dir", "model_dir"):
     if not FLAGS[name].value.startswith("gs://"):
-      raise app.UsageError(f"--{name}={FLAGS[name].value}: Vertex AI jobs read and write gs:// paths")
-  try:
-    job = build_custom_job(
-        display_name=FLAGS.display_name or f"ham10000-resnet50-{time.strftime('%Y%m%d-%H%M%S')}",
-        image_uri=FLAGS.image_uri, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
-        machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
-        accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
-        service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough)
-  except ValueError as e:  # flags that name no job Vertex AI can run: one line, no usage dump
-    sys.exit(f"error: {e}")
+      raise cli.UserError(f"--{name}={FLAGS[name].value}: Vertex AI jobs read and write gs:// paths")
+  job = build_custom_job(
+      display_name=FLAGS.display_name or f"ham10000-resnet50-{time.strftime('%Y%m%d-%H%M%S')}",
+      image_uri=FLAGS.image_uri, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
+      machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
+      accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
+      service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough)
   if FLAGS.dry_run:
     print(json.dumps(custom_job_json(job), indent=2))
     return
@@ -164,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -25,7 +25,7 @@ import threading
 import trustme
 from gcp_storage_emulator import server as emulator_server
 
-from conftest import free_ports
+from helpers import free_ports
 
 PUBLIC_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "te",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_module
+from helpers import run_module
 
 
 def last_json_line(result):

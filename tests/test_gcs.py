@@ -15,7 +15,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from conftest import run_module
+from helpers import run_module
 from gcs_emulator import GcsEmulator
 from tfrecords import features
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module
+from helpers import REPO, run_module
 from job import callbacks
 from launch import multi_gpu, vertex
 

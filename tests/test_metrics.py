@@ -8,7 +8,8 @@ from sklearn import metrics as skm
 from job import calibration, metrics
 from tfrecords import features
 
-MEL, NV = features.LABEL_MAP["mel"], features.LABEL_MAP["nv"]
+CLASSES = features.CLASS_NAMES
+MEL, NV = CLASSES.index("mel"), CLASSES.index("nv")
 
 
 def one_hot_probabilities(predicted, confidence):
@@ -41,7 +42,7 @@ def test_headline_and_baselines_agree_with_scikit_learn():
   assert result["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predictions))
   assert result["macro_f1"] == pytest.approx(skm.f1_score(labels, predictions, average="macro"))
   assert result["macro_roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probabilities, multi_class="ovr"))
-  base = metrics.baselines(labels)
+  base = metrics.baselines(labels, CLASSES)
   assert base["always_nv_accuracy"] == pytest.approx((labels == NV).mean())
   assert base["always_nv_balanced_accuracy"] == pytest.approx(1 / 7)
 
@@ -54,9 +55,9 @@ def test_melanoma_threshold_is_chosen_for_specificity_then_applied():
   probabilities = np.zeros((13, 7))
   probabilities[:, MEL] = scores
   probabilities[:, NV] = 1 - scores
-  threshold = metrics.melanoma_threshold(labels, probabilities, specificity=0.90)
+  threshold = metrics.melanoma_threshold(labels, probabilities, MEL, specificity=0.90)
   assert threshold == pytest.approx(0.85)  # the 0.9 benign is the one false positive allowed
-  point = metrics.melanoma_operating_point(labels, probabilities, threshold)
+  point = metrics.melanoma_operating_point(labels, probabilities, MEL, threshold)
   assert point["sensitivity"] == pytest.approx(2 / 3) and point["specificity"] == pytest.approx(0.9)
 
 

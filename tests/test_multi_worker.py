@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, free_ports
+from helpers import REPO, free_ports
 from job import keras_compat
 
 TINY_FIT = os.path.join(os.path.dirname(__file__), "multi_worker_fit.py")

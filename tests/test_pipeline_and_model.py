@@ -9,26 +9,26 @@ import pytest
 import tensorflow as tf
 
 from job import config as config_lib, data, distribute_utils, model as model_lib, performance, train
-from tfrecords import features
+from tfrecords import features, manifest as manifest_lib
 
 IMAGE_SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def manifest(shards_dir):
-  return data.read_manifest(shards_dir)
+  return manifest_lib.read(shards_dir)
 
 
 def test_pipeline_shapes_and_dtypes(shards_dir, manifest):
-  info = data.split_info(shards_dir, manifest, "train")
-  train = data.train_dataset(info, IMAGE_SIZE, 8)
-  images, labels = next(iter(train))
+  info = manifest_lib.split_info(shards_dir, manifest, "train")
+  train_batches = data.train_dataset(info, IMAGE_SIZE, 8)
+  images, labels = next(iter(train_batches))
   assert images.dtype == tf.uint8 and images.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
   assert labels.dtype == tf.float32 and labels.shape == (8, 7)
   assert np.allclose(labels.numpy().sum(axis=1), 1)
   # One static shape for every batch, as XLA and TPUs need, under every strategy.
-  assert train.element_spec[0].shape.as_list() == [8, IMAGE_SIZE, IMAGE_SIZE, 3]
-  predict = data.prediction_dataset(data.split_info(shards_dir, manifest, "validation"), IMAGE_SIZE, 8)
+  assert train_batches.element_spec[0].shape.as_list() == [8, IMAGE_SIZE, IMAGE_SIZE, 3]
+  predict = data.prediction_dataset(manifest_lib.split_info(shards_dir, manifest, "validation"), IMAGE_SIZE, 8)
   assert sum(int(x.shape[0]) for x, _, _ in predict) == manifest["splits"]["validation"]["num_examples"]
 
 
@@ -37,7 +37,7 @@ def _digest(image) -> str:
 
 
 def test_labels_stay_with_their_images_through_the_shuffled_pipeline(shards_dir, manifest):
-  info = data.split_info(shards_dir, manifest, "train")
+  info = manifest_lib.split_info(shards_dir, manifest, "train")
   # Ground truth straight from the shards: image content → label.
   truth = {}
   for record in tf.data.TFRecordDataset(info.files):
@@ -58,7 +58,7 @@ def test_validation_batches_are_whole_and_padding_changes_no_figure(shards_dir, 
   """Padding the last validation batch (static shapes; no empty batch for any replica) leaves
   loss, accuracy and macro F1 exactly those of the real images, for a remainder of any size
   and a split smaller than one batch."""
-  info = data.split_info(shards_dir, manifest, "validation")
+  info = manifest_lib.split_info(shards_dir, manifest, "validation")
   validation = data.validation_dataset(info, IMAGE_SIZE, batch_size)
   assert validation.num_examples == info.num_examples
   batches = list(validation.dataset)
@@ -103,14 +103,15 @@ def test_class_weights_are_sklearns_balanced():
 
 def test_preprocess_is_caffe_mode():
   pixel = np.array([[[[255, 0, 10]]]], dtype=np.uint8)
-  out = data.preprocess(pixel).numpy()[0, 0, 0]
+  out = model_lib.preprocess(pixel).numpy()[0, 0, 0]
   # RGB→BGR, then minus the ImageNet BGR mean; no scaling to [-1, 1].
   assert out == pytest.approx([10 - 103.939, 0 - 116.779, 255 - 123.68])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def inner():
-  return model_lib.build_inner_model("none")
+  """A fresh seven-class inner model for each test (the stage tests change `trainable`)."""
+  return model_lib.build_inner_model("none", num_classes=7)
 
 
 def test_inner_model_structure(inner):
@@ -134,7 +135,6 @@ def test_stage_trainability(inner):
   assert any(isinstance(l, keras.layers.BatchNormalization) for l in top)
   trainable_backbone = [w for w in inner.trainable_weights if not w.path.startswith("probabilities")]
   assert trainable_backbone and all("_bn" not in w.path for w in trainable_backbone)
-  model_lib.set_trainable_for_stage(inner, stage=1)
 
 
 def test_backbone_batchnorm_stays_in_inference_mode(inner):
@@ -143,14 +143,13 @@ def test_backbone_batchnorm_stays_in_inference_mode(inner):
   before = bn.moving_mean.numpy().copy()
   inner(np.random.uniform(-100, 100, (2, 32, 32, 3)).astype(np.float32), training=True)
   assert np.array_equal(before, bn.moving_mean.numpy())
-  model_lib.set_trainable_for_stage(inner, stage=1)
 
 
 def test_training_wrapper_takes_uint8_and_augments_only_in_training(inner):
   wrapper = model_lib.build_training_model(inner, IMAGE_SIZE)
   images = np.random.randint(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
   inference = wrapper(images, training=False).numpy()
-  expected = inner(data.preprocess(images), training=False).numpy()
+  expected = inner(model_lib.preprocess(images), training=False).numpy()
   assert np.allclose(inference, expected, atol=1e-5)  # wrapper = preprocess + inner, nothing else
   augment = wrapper.get_layer("augment")
   assert not np.allclose(augment(images.astype(np.float32), training=True), images)
@@ -172,7 +171,7 @@ def test_weights_file_is_loaded(tmp_path):
 def test_float32_copy_for_saving_after_mixed_precision():
   keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
-    mixed = model_lib.build_inner_model("none")
+    mixed = model_lib.build_inner_model("none", num_classes=7)
   finally:
     keras.mixed_precision.set_global_policy("float32")
   assert mixed.get_layer("avg_pool").dtype_policy.name == "mixed_bfloat16"

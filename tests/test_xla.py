@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
+from helpers import run_module
 from job import augment, config as config_lib, model as model_lib, performance, train
 
 # A smooth image (bilinear upsampling of random 8×8 noise) and a rough one (pixel noise).

@@ -13,21 +13,17 @@ same command finishes it, skipping the shards already in place.
 import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tfrecords import features, fileio, sources, split as split_lib
+from tfrecords import cli, features, fileio, manifest as manifest_lib, sources, split as split_lib
 
 PLAN_FILE = "plan.json"
 SPLIT_FILE = "split.csv"
-LABEL_MAP_FILE = "label_map.json"
-MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
 
 FLAGS = flags.FLAGS
 
@@ -49,12 +45,12 @@ class Settings:
 _DEFAULT = Settings(source="kaggle")
 
 
-class ConversionError(RuntimeError):
-  pass
+class ConversionError(cli.UserError):
+  """The conversion cannot go on; the message says why and what to do."""
 
 
 def define_flags():
-  flags.DEFINE_string("source", "kaggle", "kaggle (kagglehub), a local folder (images or the two "
+  flags.DEFINE_string("source", _DEFAULT.source, "kaggle (kagglehub), a local folder (images or the two "
                       "zip archives beside HAM10000_metadata.csv) or a gs:// prefix.")
   flags.DEFINE_integer("kaggle_version", _DEFAULT.kaggle_version, "Version of kmader/skin-cancer-mnist-ham10000 on Kaggle.")
   flags.DEFINE_string("output_dir", None, "Where the shards go: a local folder or gs://.", required=True)
@@ -127,6 +123,19 @@ def stats_of_existing_shard(path: str) -> dict:
           "class_counts": class_counts, "sha256": fileio.sha256_of(path), "skipped": []}
 
 
+def shard_tasks(source: sources.Source, split: pd.Series, settings: Settings, output_dir: str,
+                skip_bad_images: bool = False) -> list[ShardTask]:
+  """One task per shard of the plan, for `write_shard`."""
+  records = source.metadata.to_dict("records")
+  tasks = []
+  for name, shards in plan_shards(source.metadata, split, settings).items():
+    for index, rows in enumerate(shards):
+      pairs = tuple((records[i], source.images[records[i]["image_id"]]) for i in rows)
+      tasks.append(ShardTask(output_dir, features.shard_name(name, index, len(shards)), pairs,
+                             settings.image_size, settings.jpeg_quality, skip_bad_images))
+  return tasks
+
+
 def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) -> dict[str, list[list[int]]]:
   """Row indices per shard, per split: rows shuffled by the seed, then dealt round-robin."""
   rng = np.random.default_rng(settings.seed)
@@ -141,20 +150,20 @@ def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) ->
 def _prepare_output(output_dir: str, settings: Settings, overwrite: bool) -> bool:
   """Checks what the folder holds; returns True when this exact conversion is already finished."""
   plan_path = fileio.join(output_dir, PLAN_FILE)
-  ours = [PLAN_FILE, SPLIT_FILE, LABEL_MAP_FILE, MANIFEST_FILE]
+  ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE, manifest_lib.MANIFEST_FILE]
   existing = tf.io.gfile.listdir(output_dir) if tf.io.gfile.isdir(output_dir) else []
   existing = [name.rstrip("/") for name in existing]
   shard_files = [n for n in existing if n.endswith(".tfrecord")]
   if tf.io.gfile.exists(plan_path):
     previous = fileio.read_json(plan_path).get("settings")
     if previous == dataclasses.asdict(settings):
-      return MANIFEST_FILE in existing
+      return manifest_lib.MANIFEST_FILE in existing
     if not overwrite:
       changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(settings).items()
                  if previous.get(k) != v}
       raise ConversionError(f"{output_dir} holds another conversion (settings differ: {changed}); "
                             "choose another --output_dir or pass --overwrite")
-  elif (shard_files or MANIFEST_FILE in existing) and not overwrite:
+  elif (shard_files or manifest_lib.MANIFEST_FILE in existing) and not overwrite:
     raise ConversionError(f"{output_dir} already holds TFRecords not written by this settings plan; "
                           "choose another --output_dir or pass --overwrite")
   if overwrite:
@@ -172,26 +181,21 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   fileio.makedirs(output_dir)
   if _prepare_output(output_dir, settings, overwrite):
     logging.info("%s already holds this conversion (manifest.json present): nothing to do", output_dir)
-    return fileio.read_json(fileio.join(output_dir, MANIFEST_FILE))
+    return manifest_lib.read(output_dir)
 
   # The plan first: a rerun compares its settings, a reader audits the split.
   split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
   fileio.write_json(fileio.join(output_dir, PLAN_FILE),
-                    {"format_version": FORMAT_VERSION, "settings": dataclasses.asdict(settings)})
+                    {"format_version": manifest_lib.FORMAT_VERSION, "settings": dataclasses.asdict(settings)})
   fileio.write_atomic(fileio.join(output_dir, SPLIT_FILE), split_table.to_csv(index=False))
 
-  records = source.metadata.to_dict("records")
   tasks, done = [], {}
-  for name, shards in plan_shards(source.metadata, split, settings).items():
-    for index, rows in enumerate(shards):
-      shard = features.shard_name(name, index, len(shards))
-      path = fileio.join(output_dir, shard)
-      if tf.io.gfile.exists(path):
-        done[shard] = stats_of_existing_shard(path)
-        continue
-      pairs = tuple((records[i], source.images[records[i]["image_id"]]) for i in rows)
-      tasks.append(ShardTask(output_dir, shard, pairs, settings.image_size, settings.jpeg_quality,
-                             skip_bad_images))
+  for task in shard_tasks(source, split, settings, output_dir, skip_bad_images):
+    path = fileio.join(output_dir, task.name)
+    if tf.io.gfile.exists(path):  # finished by an earlier run (shards appear whole, when done)
+      done[task.name] = stats_of_existing_shard(path)
+    else:
+      tasks.append(task)
   if done:
     logging.info("resuming: %d shards already in place, %d to write", len(done), len(tasks))
 
@@ -212,8 +216,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
     raise
 
   manifest = _manifest(source, settings, split, done)
-  fileio.write_json(fileio.join(output_dir, LABEL_MAP_FILE), features.LABEL_MAP)
-  fileio.write_json(fileio.join(output_dir, MANIFEST_FILE), manifest)  # last: marks completion
+  fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
+  manifest_lib.write(output_dir, manifest)  # last: marks completion
   if total:
     elapsed = time.perf_counter() - start
     logging.info("converted %d images in %.1f s (%.1f images/s, %d workers)", total, elapsed,
@@ -226,7 +230,7 @@ def _remove_temporaries(output_dir):
     fileio.remove_if_exists(path)
 
 
-def _init_worker():
+def init_worker():
   # One thread per process: the processes are the parallelism.
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -237,7 +241,7 @@ def _run(tasks, workers):
     yield from map(write_shard, tasks)
     return
   # spawn, not fork: TensorFlow's runtime does not survive a fork.
-  with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), _init_worker) as pool:
+  with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), init_worker) as pool:
     # Largest shards first so the last worker is not left with a long tail.
     ordered = sorted(tasks, key=lambda t: -len(t.rows))
     yield from pool.imap_unordered(write_shard, ordered)
@@ -255,7 +259,7 @@ def _manifest(source, settings, split, done):
         "shards": [{k: s[k] for k in ("name", "num_examples", "sha256")} for s in shards],
     }
   return {
-      "format_version": FORMAT_VERSION,
+      "format_version": manifest_lib.FORMAT_VERSION,
       "source": source.description,
       "source_version": settings.kaggle_version if settings.source == "kaggle" else None,
       "metadata_file": source.metadata_path,
@@ -280,26 +284,20 @@ def main(argv):
   settings = settings_from_flags()
   for flag in ("num_train_shards", "num_eval_shards", "workers"):
     if FLAGS[flag].value < 1:
-      raise app.UsageError(f"--{flag} must be at least 1")
+      raise cli.UserError(f"--{flag}={FLAGS[flag].value} must be at least 1")
   if settings.image_size < 0:
-    raise app.UsageError("--image_size must be 0 (keep) or a positive size")
-  try:
-    source = sources.open_source(settings.source, settings.kaggle_version)
-    manifest = convert(source, FLAGS.output_dir, settings, FLAGS.workers, FLAGS.skip_bad_images,
-                       FLAGS.overwrite)
-  except (sources.SourceError, ConversionError, ValueError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    raise cli.UserError(f"--image_size={settings.image_size} must be 0 (keep) or a positive size")
+  source = sources.open_source(settings.source, settings.kaggle_version)
+  manifest = convert(source, FLAGS.output_dir, settings, FLAGS.workers, FLAGS.skip_bad_images,
+                     FLAGS.overwrite)
   for name, info in manifest["splits"].items():
     logging.info("%-10s %5d images, %4d lesions, %d shards", name, info["num_examples"],
                  info["num_lesions"], len(info["shards"]))
   if manifest["skipped_images"]:
     logging.warning("skipped %d images that failed to decode (listed in manifest.json)",
                     len(manifest["skipped_images"]))
-  print(fileio.join(FLAGS.output_dir, MANIFEST_FILE))
+  print(fileio.join(FLAGS.output_dir, manifest_lib.MANIFEST_FILE))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -24,8 +24,10 @@ SEX = "image/metadata/sex"
 LOCALIZATION = "image/metadata/localization"
 DX_TYPE = "image/metadata/dx_type"  # leaks the label: audit only, never a model input
 
-# Index order of the seven HAM10000 diagnoses. `label_map.json` is written from
-# this dict, so `list(label_map)[i]` is class i (the seed's inference relies on it).
+# Index order of the seven HAM10000 diagnoses, as the converter labels them. The
+# converter writes `label_map.json` and the manifest's label map from this dict, so
+# `list(label_map)[i]` is class i (the seed's inference relies on it); the job reads
+# the classes from there, not from here.
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 LABEL_MAP = {name: index for index, name in enumerate(CLASS_NAMES)}
 NUM_CLASSES = len(CLASS_NAMES)
@@ -35,10 +37,6 @@ SPLITS = ("train", "validation", "test")
 
 def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def shard_pattern(split: str) -> str:
-  return f"{split}-?????-of-?????.tfrecord"
 
 
 def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -15,15 +15,16 @@ import zipfile
 import pandas as pd
 import tensorflow as tf
 
-from tfrecords import features
+from tfrecords import cli, features
 
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 KAGGLE_HANDLE = "kmader/skin-cancer-mnist-ham10000"
-IMAGE_ZIPS = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
+IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+IMAGE_ZIPS = tuple(f"{folder}.zip" for folder in IMAGE_FOLDERS)
 
 
-class SourceError(ValueError):
+class SourceError(cli.UserError):
   """The source data is unusable; the message names the file, row or image."""
 
 

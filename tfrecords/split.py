@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from tfrecords import features
+from tfrecords import cli, features
 
 
 def _fold_counts(val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -28,12 +28,12 @@ def split_by_lesion(metadata: pd.DataFrame, val_fraction: float = 0.15, test_fra
                     seed: int = 0) -> pd.Series:
   """Returns the split name of every row of `metadata` (columns lesion_id, dx)."""
   if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-    raise ValueError(f"--val_fraction={val_fraction} and --test_fraction={test_fraction} must be "
+    raise cli.UserError(f"--val_fraction={val_fraction} and --test_fraction={test_fraction} must be "
                      "in (0, 1) and leave a train split")
   lesion_dx = metadata.groupby("lesion_id")["dx"].nunique()
   mixed = lesion_dx[lesion_dx > 1]
   if len(mixed):
-    raise ValueError(f"lesion {mixed.index[0]} has images with different dx values; "
+    raise cli.UserError(f"lesion {mixed.index[0]} has images with different dx values; "
                      "a lesion must have a single diagnosis")
 
   n_folds, k_val, k_test = _fold_counts(val_fraction, test_fraction)
@@ -59,5 +59,5 @@ def check_split(metadata: pd.DataFrame, split: pd.Series):
     missing = [dx for dx in features.CLASS_NAMES
                if dx in counts.index and counts.get(name, pd.Series(dtype=int)).get(dx, 0) == 0]
     if missing:
-      raise ValueError(f"the {name} split has no image of class {', '.join(missing)}: too few "
+      raise cli.UserError(f"the {name} split has no image of class {', '.join(missing)}: too few "
                        "lesions of that class for this split; use more data or another --seed")

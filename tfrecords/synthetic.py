@@ -21,14 +21,12 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image, ImageDraw, ImageFilter
 
+from tfrecords import cli, sources  # sources: the layout's names, which the converter reads
+
 WIDTH, HEIGHT = 600, 450
-METADATA_FILE = "HAM10000_metadata.csv"
-METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
-IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-KAGGLE_HANDLE = "kmader/skin-cancer-mnist-ham10000"
 
 # Image counts in HAM10000 (Tschandl et al., 2018) and the share of lesions
 # photographed 1..6 times (7,470 lesions for 10,015 images).
@@ -161,7 +159,7 @@ def _render_to_file(args):
 
 def write_metadata(rows: list[dict], path: str):
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(f, fieldnames=sources.REQUIRED_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
       writer.writerow({**row, "age": "" if np.isnan(row["age"]) else row["age"]})
@@ -169,7 +167,7 @@ def write_metadata(rows: list[dict], path: str):
 
 def kagglehub_cache_dataset_dir(cache_dir: str, version: int) -> str:
   """Where kagglehub keeps a versioned dataset inside KAGGLEHUB_CACHE."""
-  return os.path.join(cache_dir, "datasets", *KAGGLE_HANDLE.split("/"), "versions", str(version))
+  return os.path.join(cache_dir, "datasets", *sources.KAGGLE_HANDLE.split("/"), "versions", str(version))
 
 
 def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout: str = "kaggle",
@@ -182,31 +180,31 @@ def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout:
   rows = make_metadata(num_images, seed)
   half = (len(rows) + 1) // 2
   jobs = []
-  for folder in IMAGE_FOLDERS:
+  for folder in sources.IMAGE_FOLDERS:
     os.makedirs(os.path.join(root, folder), exist_ok=True)
   for number, row in enumerate(rows):
-    folder = IMAGE_FOLDERS[number >= half]
+    folder = sources.IMAGE_FOLDERS[number >= half]
     jobs.append((row, os.path.join(root, folder, row["image_id"] + ".jpg"), jpeg_quality))
   with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
     for done, _ in enumerate(pool.imap_unordered(_render_to_file, jobs, chunksize=8), 1):
       if done % 200 == 0 or done == len(jobs):
         logging.info("rendered %d/%d images", done, len(jobs))
-  write_metadata(rows, os.path.join(root, METADATA_FILE))
+  write_metadata(rows, os.path.join(root, sources.METADATA_FILE))
 
   if layout in ("kaggle", "kagglehub_cache"):
     # The Kaggle copy holds each image folder twice, once in lowercase.
-    for folder in IMAGE_FOLDERS:
+    for folder in sources.IMAGE_FOLDERS:
       shutil.copytree(os.path.join(root, folder), os.path.join(root, folder.lower()),
                       copy_function=_link_or_copy, dirs_exist_ok=True)
   elif layout == "zips":
-    for folder in IMAGE_FOLDERS:
+    for folder in sources.IMAGE_FOLDERS:
       with zipfile.ZipFile(os.path.join(root, folder + ".zip"), "w", zipfile.ZIP_STORED) as archive:
         for name in sorted(os.listdir(os.path.join(root, folder))):
           archive.write(os.path.join(root, folder, name), name)
       shutil.rmtree(os.path.join(root, folder))
   if layout == "kagglehub_cache":
     # kagglehub treats a dataset as cached once its completion marker exists.
-    marker = os.path.join(output_dir, "datasets", *KAGGLE_HANDLE.split("/"), f"{kaggle_version}.complete")
+    marker = os.path.join(output_dir, "datasets", *sources.KAGGLE_HANDLE.split("/"), f"{kaggle_version}.complete")
     open(marker, "w").close()
   return root
 
@@ -216,10 +214,10 @@ def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed:
   """A synthetic dataset and its shards under `work_dir`, each made once per setting.
 
   Returns (images_dir, shards_dir, source); the demo and the benchmarks start here."""
-  from tfrecords import convert, sources  # pylint: disable=g-import-not-at-top
+  from tfrecords import convert  # pylint: disable=g-import-not-at-top
   workers = os.cpu_count() or 1
   images_dir = os.path.join(work_dir, f"images_{num_images}_{seed}")
-  if not os.path.exists(os.path.join(images_dir, METADATA_FILE)):
+  if not os.path.exists(os.path.join(images_dir, sources.METADATA_FILE)):
     write_dataset(images_dir, num_images=num_images, seed=seed, workers=workers)
   source = sources.open_source(images_dir)
   shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}_{image_size}_{num_train_shards}")
@@ -245,5 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

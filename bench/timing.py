@@ -20,12 +20,13 @@ class EpochTimer(keras.callbacks.Callback):
     self.seconds.append(time.perf_counter() - self.start)
 
 
-def build(cfg: config_lib.TrainConfig, augment: bool = True, class_weights=None) -> keras.Model:
+def build(cfg: config_lib.TrainConfig, class_weights: np.ndarray, augment: bool = True) -> keras.Model:
   """The job's training wrapper in stage 2 (the heavier stage), compiled as the job compiles
-  it on one device; `model.jit_compile` then says whether XLA is in effect."""
+  it on one device, one output per class weight; `model.jit_compile` then says whether XLA
+  is in effect."""
   performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
   keras.utils.set_random_seed(cfg.seed)
-  inner = model_lib.build_inner_model("none")
+  inner = model_lib.build_inner_model("none", num_classes=len(class_weights))
   wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, augment=augment)
   model_lib.set_trainable_for_stage(inner, stage=2)
   train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr,
@@ -36,5 +37,6 @@ def build(cfg: config_lib.TrainConfig, augment: bool = True, class_weights=None)
 def images_per_second(model, dataset, steps, epochs, batch_size) -> float:
   """Median images/s over `epochs` epochs, after one warm-up epoch."""
   timer = EpochTimer()
-  model.fit(dataset, epochs=epochs + 1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+  model.fit(dataset, epochs=epochs + 1, steps_per_epoch=steps, callbacks=[timer], verbose=0,
+            shuffle=False)  # the datasets shuffle themselves (or are one batch repeated)
   return steps * batch_size / float(np.median(timer.seconds[1:]))

@@ -1,0 +1,55 @@
+"""Every command starts the same way: its flags under --help, user errors as one line."""
+
+import pytest
+
+from helpers import run_module
+
+
+@pytest.mark.parametrize("module, own_flags", [
+    ("tfrecords.convert", ["--source", "--output_dir", "--num_train_shards", "--traceback"]),
+    ("job.train", ["--data_dir", "--global_batch_size", "--jit_compile", "--stage2_lr"]),
+    ("job.evaluate", ["--data_dir", "--model_dir", "--split"]),
+    ("job.predict", ["--model_dir", "--tta", "--export_dir"]),
+    ("job.demo", ["--work_dir", "--num_images"]),
+    ("launch.vertex", ["--machine_type", "--replica_count", "--dry_run"]),
+])
+def test_help_lists_the_commands_own_flags(module, own_flags):
+  result = run_module(module, "--help", check=False)  # absl ends --help with exit status 1
+  for flag in own_flags:
+    assert f"  {flag}:" in result.stdout or f"  --[no]{flag[2:]}:" in result.stdout, (flag, result.stdout[:2000])
+
+
+def _one_line_error(result) -> str:
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ")
+  return last
+
+
+def test_bad_data_dir_and_manifest_end_in_one_line_naming_the_path(tmp_path):
+  data_dir = tmp_path / "shards"
+  data_dir.mkdir()
+  args = [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}"]
+  assert "no manifest.json" in _one_line_error(run_module("job.train", *args, check=False))
+  (data_dir / "manifest.json").write_text("{not json")
+  line = _one_line_error(run_module("job.train", *args, check=False))
+  assert str(data_dir / "manifest.json") in line and "not valid JSON" in line
+  (data_dir / "manifest.json").write_text("{}")
+  line = _one_line_error(run_module("job.train", *args, check=False))
+  assert "not a manifest written by tfrecords.convert" in line
+  assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+  result = run_module("job.train", *args, "--traceback", check=False)
+  assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_bad_flag_values_are_named():
+  line = _one_line_error(run_module("job.train", "--data_dir=/x", "--global_batch_size=0", check=False))
+  assert "--global_batch_size=0" in line
+  assert "--data_dir" in _one_line_error(run_module("job.train", check=False))
+
+
+def test_a_model_dir_without_a_run_is_named(tmp_path):
+  for module, extra in (("job.predict", ["x.jpg"]), ("job.evaluate", [f"--data_dir={tmp_path}"])):
+    line = _one_line_error(run_module(module, f"--model_dir={tmp_path}", *extra, check=False))
+    assert f"--model_dir={tmp_path}: no run_config.json" in line

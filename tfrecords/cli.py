@@ -1,0 +1,65 @@
+"""How every command starts: flags, then `main`, with user errors as one line.
+
+The project's entry points (`tfrecords.convert`, `job.train`, `job.evaluate`,
+`job.predict`, `job.demo`, `launch.*`) all start through `run`, which lives
+here, beside the storage layer (tfrecords/fileio.py), because every package may
+import `tfrecords` and `tfrecords` imports no other package of the project:
+
+  def define_flags(): ...        # the command's own flags, defined once
+  def main(argv): ...
+  if __name__ == "__main__":
+    cli.run(main, define_flags)
+
+A `UserError` (or a missing or unreadable file) ends the command with one line
+on stderr that names the flag or path and what to do, and exit status 1;
+`--traceback` shows the full traceback instead. The command's flags are listed
+by `--help` (absl shows only a main module's own flags there otherwise).
+"""
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+EXIT_USER_ERROR = 1
+
+
+class UserError(ValueError):
+  """Bad input the user can fix: a flag, a file or a folder. The message names it."""
+
+
+# Errors that are the user's to fix. A missing or unreadable file names its path.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def define_common_flags():
+  if "traceback" not in FLAGS:
+    flags.DEFINE_bool("traceback", False, "On an error, show the full traceback, not one line.")
+
+
+def _list_in_help(names: list[str]):
+  """Makes these flags key flags of the main module, so that `--help` lists them."""
+  for name in names:
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | None = None):
+  """Defines the command's flags and runs `main` through absl, user errors as one line."""
+  before = set(FLAGS)
+  if define_flags:
+    define_flags()
+  define_common_flags()
+  _list_in_help([name for name in FLAGS if name not in before])
+
+  def guarded_main(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if FLAGS.traceback:
+        raise
+      message = str(e) or type(e).__name__
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(EXIT_USER_ERROR)
+
+  app.run(guarded_main)

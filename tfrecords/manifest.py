@@ -1,0 +1,71 @@
+"""The shards' manifest: what a finished conversion holds, read and written in one place.
+
+`manifest.json` sits beside the shards and is written last, so a folder without
+it is an unfinished conversion. It gives the classes in index order
+(`label_map`), and per split the shards with their example counts and sha256
+checksums, and the class counts. The converter (tfrecords/convert.py) writes
+it; the training job, the evaluation and the benchmarks read it through here,
+and take the classes from it rather than from a constant.
+"""
+
+import dataclasses
+import json
+
+import tensorflow as tf
+
+from tfrecords import cli, fileio
+
+MANIFEST_FILE = "manifest.json"
+LABEL_MAP_FILE = "label_map.json"  # {"akiec": 0, ...}: keys in index order
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  """One split's shards (full paths), example count and class counts (in class index order)."""
+  name: str
+  files: list[str]
+  num_examples: int
+  class_counts: list[int]
+
+
+def read(data_dir: str) -> dict:
+  """The manifest of the conversion in `data_dir`; a clear error when there is none, or it is
+  not one."""
+  path = fileio.join(data_dir, MANIFEST_FILE)
+  if not tf.io.gfile.exists(path):
+    raise cli.UserError(f"--data_dir={data_dir}: no {MANIFEST_FILE} (not a finished conversion; run "
+                        "python -m tfrecords.convert)")
+  try:
+    manifest = fileio.read_json(path)
+  except json.JSONDecodeError as e:
+    raise cli.UserError(f"{path}: not valid JSON ({e}); convert again with --overwrite") from None
+  missing = [key for key in ("splits", "label_map") if key not in (manifest if isinstance(manifest, dict) else {})]
+  if missing:
+    raise cli.UserError(f"{path}: not a manifest written by tfrecords.convert (no "
+                        f"{' or '.join(missing)}); convert again with --overwrite")
+  return manifest
+
+
+def write(output_dir: str, manifest: dict):
+  fileio.write_json(fileio.join(output_dir, MANIFEST_FILE), manifest)
+
+
+def class_names(manifest: dict) -> tuple[str, ...]:
+  """The classes in index order: class i is `class_names(manifest)[i]`."""
+  return tuple(sorted(manifest["label_map"], key=manifest["label_map"].get))
+
+
+def label_map(names) -> dict[str, int]:
+  """`label_map.json`'s content: keys in index order, so `list(label_map)[i]` is class i."""
+  return {name: index for index, name in enumerate(names)}
+
+
+def split_info(data_dir: str, manifest: dict, split: str) -> SplitInfo:
+  if split not in manifest["splits"]:
+    raise cli.UserError(f"--data_dir={data_dir} has no {split} split (it has "
+                        f"{', '.join(manifest['splits'])})")
+  info = manifest["splits"][split]
+  files = [fileio.join(data_dir, shard["name"]) for shard in info["shards"]]
+  counts = [info["class_counts"].get(name, 0) for name in class_names(manifest)]
+  return SplitInfo(split, files, info["num_examples"], counts)
