@@ -21,6 +21,10 @@ CALIBRATION_FILE = "calibration.json"
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 TRAINING_CURVES_PLOT = "training_curves.png"
 RELIABILITY_PLOT = "reliability_diagram.png"
+# The files of one run, which --overwrite clears with its checkpoints, backups and logs.
+RUN_FILES = (BEST_MODEL_FILE, BEST_MODEL_STATE_FILE, LABEL_MAP_FILE, HISTORY_FILE, RUN_CONFIG_FILE,
+             METRICS_FILE, PREDICTIONS_FILE, CALIBRATION_FILE, CONFUSION_MATRIX_PLOT,
+             TRAINING_CURVES_PLOT, RELIABILITY_PLOT)
 CHECKPOINTS_DIR = "checkpoints"  # finished stages' markers and weights
 BACKUP_DIR = "backup"  # the running stage's BackupAndRestore
 LOGS_DIR = "logs"  # TensorBoard

@@ -15,11 +15,19 @@ import signal
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from job import keras_compat, model as model_lib
-from tfrecords import fileio
+from tfrecords import cli, fileio
+
+
+def _plain(value):
+  """A callback's number as JSON holds it (Keras keeps some as numpy scalars; ±inf stays)."""
+  if value is None or isinstance(value, (int, np.integer)):
+    return None if value is None else int(value)
+  return float(value)
 
 
 def better(mode: str, value: float, best: float | None) -> bool:
@@ -35,10 +43,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
   a resumed run save only a model better than any saved before (as Keras's
   `initial_value_threshold` would, carried across fits)."""
 
-  def __init__(self, inner, model_path, state_path, monitor, mode, stage, write=True):
+  def __init__(self, inner, model_path, state_path, monitor, mode, stage, fingerprint, write=True):
     super().__init__()
     self.inner, self.model_path, self.state_path = inner, model_path, state_path
     self.monitor, self.mode, self.stage, self.write = monitor, mode, stage, write
+    self.fingerprint = fingerprint
     self.best = None
     if tf.io.gfile.exists(state_path):
       state = fileio.read_json(state_path)
@@ -59,8 +68,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     if self.write:
       with fileio.local_copy_then_upload(self.model_path, ".keras") as tmp:
         model_lib.float32_copy(self.inner).save(tmp)
-      fileio.write_json(self.state_path, {"monitor": self.monitor, "value": value,
-                                          "epoch": epoch, "stage": self.stage})
+      fileio.write_json(self.state_path, {"monitor": self.monitor, "value": value, "epoch": epoch,
+                                          "stage": self.stage, "fingerprint": self.fingerprint})
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -115,6 +124,34 @@ class HypertuneReporter(keras.callbacks.Callback):
           hyperparameter_metric_tag=self.monitor, metric_value=float(logs[self.monitor]), global_step=epoch)
 
 
+class NonFiniteLoss(cli.UserError):
+  """The training loss became NaN or infinite: the run stops, and publishes nothing from it."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+  """Stops the job, naming the stage, epoch and step, when the loss is NaN or infinite.
+
+  Keras's TerminateOnNaN only ends `fit`, after which the job would mark the stage finished
+  and go on to publish a NaN model. This raises instead, before the epoch's end, so the best
+  model, the stage marker and the backup all stay as they were before it."""
+
+  def __init__(self, stage: int, learning_rate: float):
+    super().__init__()
+    self.stage, self.learning_rate = stage, learning_rate
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+      raise NonFiniteLoss(f"stage {self.stage}, epoch {self._epoch + 1}, step {batch + 1}: the training "
+                          f"loss is {float(loss)} (learning rate {self.learning_rate:.3g}); the best model "
+                          "and the backups keep what was saved before it. Lower "
+                          f"--stage{self.stage}_lr, or check the data")
+
+
 class Preempted(Exception):
   """SIGTERM arrived and the backup is saved: the process should exit and be restarted."""
 
@@ -146,10 +183,13 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
   Place it last among the callbacks: at an epoch's end the others (history,
   best model) have then run before the backup says that epoch is done."""
 
-  def __init__(self, backup_dir, save_freq="epoch", restore_dir=None):
+  def __init__(self, backup_dir, save_freq="epoch", restore_dir=None, fingerprint=None,
+               stateful_callbacks=()):
     super().__init__(backup_dir, save_freq=save_freq)
     keras_compat.check_backup_internals(self)  # the private parts of Keras used below
     self.restore_dir = restore_dir or backup_dir  # another worker's backup (the chief's) to resume from
+    self.fingerprint = fingerprint  # the run's: a backup of another run is not restored
+    self.stateful_callbacks = list(stateful_callbacks)
     self.requested = False
     self._previous_handler = None
 
@@ -163,8 +203,12 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
     self._weights_path = fileio.join(self.restore_dir, posixpath.basename(self._weights_path))
     self._training_metadata_path = fileio.join(self.restore_dir,
                                                posixpath.basename(self._training_metadata_path))
+    saved = (fileio.read_json(self._training_metadata_path)
+             if tf.io.gfile.exists(self._training_metadata_path) else None)
     try:
-      super().on_train_begin(logs)  # restores from restore_dir
+      if saved is not None and saved.get("fingerprint") == self.fingerprint:
+        super().on_train_begin(logs)  # restores the weights and the epoch from restore_dir
+        self._restore_callback_states(saved.get("callbacks", {}))
     finally:
       self._weights_path, self._training_metadata_path = own_paths
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -193,7 +237,24 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
     with fileio.local_copy_then_upload(self._weights_path, ".weights.h5") as tmp:
       self.model.save_weights(tmp)
     fileio.write_json(self._training_metadata_path,  # after the weights it describes
-                      {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+                      {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                       "fingerprint": self.fingerprint, "callbacks": self._callback_states()})
+
+  # What EarlyStopping and ReduceLROnPlateau count between epochs: saved with the backup, so
+  # a resumed stage stops and lowers the rate exactly where an uninterrupted one would.
+  STATE = {"EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+           "ReduceLROnPlateau": ("wait", "best", "cooldown_counter")}
+
+  def _callback_states(self) -> dict:
+    return {type(c).__name__: {name: _plain(getattr(c, name)) for name in self.STATE[type(c).__name__]}
+            for c in self.stateful_callbacks}
+
+  def _restore_callback_states(self, states: dict):
+    for callback in self.stateful_callbacks:
+      for name, value in states.get(type(callback).__name__, {}).items():
+        setattr(callback, name, value)
+      if type(callback).__name__ in states:
+        logging.info("resumed %s: %s", type(callback).__name__, states[type(callback).__name__])
 
   def _save_and_stop(self, where):
     self._save_model()

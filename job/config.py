@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from job import artifacts, distribute_utils, performance
+from job import artifacts, data, distribute_utils, model as model_lib, optimization, performance
 from tfrecords import cli
 
 FLAGS = flags.FLAGS
@@ -33,19 +33,24 @@ class TrainConfig:
   stage1_epochs: int = 10
   stage2_epochs: int = 10
   fine_tune_layers: int = 50
-  stage1_lr: float = 1e-4
+  stage1_lr: float = 1e-4  # the seed's, for batch 32 (base_batch_size)
   stage2_lr: float = 2e-5
+  lr_scaling: str = "sqrt"
+  base_batch_size: int = 32
+  warmup_epochs: float = 1.0
   monitor: str = "val_f1"
   patience: int = 6
   class_weights: bool = True
   jit_compile: str = "auto"
   steps_per_execution: int = 1
+  cache: str = "auto"
   backup_steps: int = 0
   seed: int = 0
   debug: bool = False
   run_eagerly: bool = False
   evaluate: bool = True
   export_dir: str | None = None
+  overwrite: bool = False
 
   @property
   def checkpoint_root(self) -> str:
@@ -84,8 +89,13 @@ def define_flags():
   flags.DEFINE_integer("stage2_epochs", d("stage2_epochs"), "Epochs fine-tuning the top layers.")
   flags.DEFINE_integer("fine_tune_layers", d("fine_tune_layers"), "Backbone layers unfrozen in stage 2 "
                        "(BatchNorm stays frozen).")
-  flags.DEFINE_float("stage1_lr", d("stage1_lr"), "Adam learning rate in stage 1.")
-  flags.DEFINE_float("stage2_lr", d("stage2_lr"), "Adam learning rate in stage 2.")
+  flags.DEFINE_float("stage1_lr", d("stage1_lr"), "Adam learning rate in stage 1, at --base_batch_size.")
+  flags.DEFINE_float("stage2_lr", d("stage2_lr"), "Adam learning rate in stage 2, at --base_batch_size.")
+  flags.DEFINE_enum("lr_scaling", d("lr_scaling"), optimization.LR_SCALING, "How the learning rates "
+                    "follow --global_batch_size: sqrt (Adam's rule, Malladi et al. 2022), linear, none.")
+  flags.DEFINE_integer("base_batch_size", d("base_batch_size"), "The batch the learning rates are for.")
+  flags.DEFINE_float("warmup_epochs", d("warmup_epochs"), "Linear warm-up to the learning rate at the "
+                     "start of each stage, in epochs (fractions allowed; 0: none).")
   flags.DEFINE_enum("monitor", d("monitor"), MONITORS, "Metric for the best model and early stopping "
                     "(val_f1: Keras's macro F1Score).")
   flags.DEFINE_integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
@@ -94,6 +104,8 @@ def define_flags():
                     "step, augmentation included. auto: on for TPUs and GPUs, off on CPUs.")
   flags.DEFINE_integer("steps_per_execution", d("steps_per_execution"), "Training steps per "
                        "tf.function call (at most an epoch's).")
+  flags.DEFINE_enum("cache", d("cache"), data.CACHE_MODES, "Where decoded images are cached: memory, "
+                    "disk (a local file), none; auto: memory when it fits with room to spare, else disk.")
   flags.DEFINE_integer("backup_steps", d("backup_steps"), "Also back up every N training steps (0: at "
                        "each epoch's end only). A backup is always saved on SIGTERM.")
   flags.DEFINE_integer("seed", d("seed"), "Random seed (weights, shuffling, augmentation).")
@@ -103,6 +115,8 @@ def define_flags():
   flags.DEFINE_bool("evaluate", d("evaluate"), "Evaluate the best model on the test split at the end.")
   flags.DEFINE_string("export_dir", d("export_dir"), "Also write a serving SavedModel (JPEG bytes in, "
                       "calibrated probabilities out) here at the end.")
+  flags.DEFINE_bool("overwrite", d("overwrite"), "Clear another run's state in --model_dir (and "
+                    "--checkpoint_dir) instead of stopping.")
 
 
 def config_from_flags() -> TrainConfig:
@@ -117,10 +131,17 @@ def validated(cfg: TrainConfig) -> TrainConfig:
   """`cfg`, or a UserError naming the first flag whose value cannot work."""
   if not cfg.data_dir:
     raise cli.UserError("--data_dir is required (the converter's output folder)")
-  for name in ("image_size", "global_batch_size", "steps_per_execution"):
+  for name in ("image_size", "global_batch_size", "steps_per_execution", "base_batch_size"):
     if getattr(cfg, name) < 1:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be at least 1")
-  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps", "cpu_devices"):
+  for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps", "cpu_devices",
+               "warmup_epochs"):
     if getattr(cfg, name) < 0:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must not be negative")
+  for name in ("stage1_lr", "stage2_lr"):
+    if not 0 < getattr(cfg, name) < float("inf"):
+      raise cli.UserError(f"--{name}={getattr(cfg, name)} must be a positive learning rate")
+  if cfg.fine_tune_layers > model_lib.BACKBONE_LAYERS:
+    raise cli.UserError(f"--fine_tune_layers={cfg.fine_tune_layers}: the ResNet-50 backbone has "
+                        f"{model_lib.BACKBONE_LAYERS} layers")
   return cfg

@@ -19,6 +19,7 @@ from job import artifacts, config as config_lib, evaluate, train
 from tfrecords import cli, fileio, synthetic
 
 FLAGS = flags.FLAGS
+DEMO_BASE_BATCH = 16  # the demo's learning rates were chosen at batch 16; other batches scale them
 
 
 def define_flags():
@@ -46,7 +47,7 @@ def main(argv):
       data_dir=shards_dir, model_dir=FLAGS.model_dir, weights="none", image_size=FLAGS.image_size,
       global_batch_size=FLAGS.global_batch_size, stage1_epochs=FLAGS.stage1_epochs,
       stage2_epochs=FLAGS.stage2_epochs, stage1_lr=FLAGS.stage1_lr, mixed_precision="off",
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, base_batch_size=DEMO_BASE_BATCH)
   metrics = train.train_and_evaluate(cfg)
   print(f"\nTest split ({metrics['num_images']} images of {metrics['num_lesions']} lesions, "
         "synthetic data; 95% CI over lesions):")

@@ -19,6 +19,7 @@ from job import augment as augment_lib
 from tfrecords import fileio
 
 BACKBONE_NAME = "resnet50"
+BACKBONE_LAYERS = 175  # keras.applications.ResNet50 without its top, input layer included
 
 
 def preprocess(images):

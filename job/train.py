@@ -20,7 +20,8 @@ import tensorflow as tf
 from absl import logging
 
 from job import artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
-from job import evaluate as evaluate_lib, keras_compat, model as model_lib, performance, predict
+from job import evaluate as evaluate_lib, keras_compat, model as model_lib, optimization, performance
+from job import predict, run_state
 from tfrecords import cli, fileio, manifest as manifest_lib
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
@@ -40,8 +41,13 @@ class Run:
   steps_per_execution: int
   xla: bool  # the training step is XLA-compiled
   class_weights: np.ndarray | None
+  learning_rates: dict[int, float]  # per stage, scaled to the global batch
+  manifest_sha256: str
   model_dir: str  # where this worker writes (a temporary folder on non-chief workers)
   chief: bool
+
+  def fingerprint(self, stage: int) -> dict:
+    return run_state.fingerprint(self.config, self.manifest_sha256, stage)
 
   def path(self, *parts):
     return artifacts.path(self.model_dir, *parts)
@@ -98,9 +104,11 @@ def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: c
                        f"XLA support: {', '.join(unsupported) or 'none'})")
 
 
-def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
+def stage_callbacks(run: Run, stage: int, initial_epoch: int) -> list[keras.callbacks.Callback]:
   cfg = run.config
   mode = monitor_mode(cfg.monitor)
+  early_stopping = keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience)
+  reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-7)
   # Every worker restores the chief's backup, so that all resume at the same step with the
   # same weights; the others save theirs apart (one folder shared by two writers fails on
   # h5 file locks), in their temporary folder.
@@ -108,19 +116,25 @@ def stage_callbacks(run: Run, stage: int) -> list[keras.callbacks.Callback]:
   own_backup = backup if run.chief else run.path(
       artifacts.BACKUP_DIR, f"stage{stage}-worker{run.strategy.cluster_resolver.task_id}")
   callbacks = [
+      callbacks_lib.StopOnNonFiniteLoss(stage, run.learning_rates[stage]),  # first: before any saving
       callbacks_lib.BestModelCheckpoint(run.inner, run.path(artifacts.BEST_MODEL_FILE),
                                         run.path(artifacts.BEST_MODEL_STATE_FILE), cfg.monitor, mode, stage,
-                                        write=run.chief),
+                                        run.fingerprint(stage), write=run.chief),
       callbacks_lib.HistoryCSV(run.path(artifacts.HISTORY_FILE), stage, write=run.chief),
-      keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience),
-      keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-7),
+      early_stopping,
+      reduce_lr,
       keras.callbacks.TensorBoard(cfg.logs_dir if run.chief else run.path(artifacts.LOGS_DIR)),
   ]
+  warmup_steps = round(cfg.warmup_epochs * run.steps_per_epoch)
+  if warmup_steps:
+    callbacks.append(optimization.WarmUp(run.learning_rates[stage], warmup_steps, initial_epoch,
+                                         run.steps_per_epoch))
   if run.chief and callbacks_lib.in_tuning_trial():
     callbacks.append(callbacks_lib.HypertuneReporter(cfg.monitor))
   # Last: an epoch counts as done in the backup once the other callbacks have run.
-  callbacks.append(callbacks_lib.PreemptibleBackup(own_backup, save_freq=cfg.backup_steps or "epoch",
-                                                   restore_dir=backup))
+  callbacks.append(callbacks_lib.PreemptibleBackup(
+      own_backup, save_freq=cfg.backup_steps or "epoch", restore_dir=backup,
+      fingerprint=run.fingerprint(stage), stateful_callbacks=[early_stopping, reduce_lr]))
   return callbacks
 
 
@@ -128,9 +142,15 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
   """Fits one stage; returns the next epoch number. Leaves a marker when done."""
   marker = run.checkpoint_path(f"stage{stage}.json")
   weights = run.checkpoint_path(f"stage{stage}.weights.h5")
-  if tf.io.gfile.exists(marker):
-    done = fileio.read_json(marker)
+  done = fileio.read_json(marker) if tf.io.gfile.exists(marker) else None
+  # Another run's marker is only ever seen here under --overwrite, by a worker that read it
+  # before the chief cleared it: it is not this run's, so the stage is not done.
+  if done and done.get("fingerprint") == run.fingerprint(stage):
     logging.info("stage %d already finished (epoch %d): loading its weights", stage, done["next_epoch"])
+    if epochs > done.get("epochs", epochs):
+      logging.info("--stage%d_epochs=%d asks for more than the %d epochs stage %d ran: the finished "
+                   "stage is kept as it is (a new --model_dir trains it longer)", stage, epochs,
+                   done["epochs"], stage)
     run.inner.load_weights(fileio.copy_to_local(weights))
     return done["next_epoch"]
   if epochs == 0:
@@ -138,21 +158,23 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
   keras_compat.forget_restored_epoch(run.wrapper)
   history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=run.steps_per_epoch, validation_data=run.validation.dataset,
-                            validation_steps=run.validation.steps, callbacks=stage_callbacks(run, stage),
+                            validation_steps=run.validation.steps,
+                            callbacks=stage_callbacks(run, stage, initial_epoch),
                             shuffle=False,  # the dataset shuffles itself; Keras would warn it ignores this
                             verbose=2)
   next_epoch = (max(history.epoch) + 1) if history.epoch else initial_epoch + epochs
   if run.chief:
     with fileio.local_copy_then_upload(weights, ".weights.h5") as tmp:
       run.inner.save_weights(tmp)
-    fileio.write_json(marker, {"stage": stage, "next_epoch": next_epoch})  # after the weights
+    fileio.write_json(marker, {"stage": stage, "next_epoch": next_epoch, "epochs": epochs,  # after the weights
+                               "fingerprint": run.fingerprint(stage)})
   return next_epoch
 
 
 def train_head(run: Run, initial_epoch: int = 0) -> int:
   """Stage 1: the backbone is frozen; only the new head learns."""
   model_lib.set_trainable_for_stage(run.inner, stage=1)
-  compile_model(run.wrapper, run.strategy, run.config, run.config.stage1_lr, run.xla,
+  compile_model(run.wrapper, run.strategy, run.config, run.learning_rates[1], run.xla,
                 run.steps_per_execution, run.class_weights)
   return fit_stage(run, 1, run.config.stage1_epochs, initial_epoch)
 
@@ -160,12 +182,13 @@ def train_head(run: Run, initial_epoch: int = 0) -> int:
 def fine_tune(run: Run, initial_epoch: int) -> int:
   """Stage 2: the top layers of the backbone learn too, at a lower rate."""
   model_lib.set_trainable_for_stage(run.inner, stage=2, fine_tune_layers=run.config.fine_tune_layers)
-  compile_model(run.wrapper, run.strategy, run.config, run.config.stage2_lr, run.xla,
+  compile_model(run.wrapper, run.strategy, run.config, run.learning_rates[2], run.xla,
                 run.steps_per_execution, run.class_weights)
   return fit_stage(run, 2, run.config.stage2_epochs, initial_epoch)
 
 
-def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, class_names) -> dict:
+def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, class_names,
+               learning_rates: dict[int, float], manifest_sha256: str) -> dict:
   return {
       "flags": dataclasses.asdict(cfg),
       "image_size": cfg.image_size,
@@ -175,7 +198,9 @@ def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, cl
       "num_replicas": strategy.num_replicas_in_sync,
       "dtype_policy": policy,
       "xla": xla,  # in effect: compile_model stops the job if Keras turns it off
-      "manifest_sha256": fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE)),
+      "effective_learning_rates": {f"stage{stage}": lr for stage, lr in learning_rates.items()},
+      "manifest_sha256": manifest_sha256,
+      "fingerprint": run_state.fingerprint(cfg, manifest_sha256, stage=2),
       "command": sys.argv,
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                    "keras": keras.__version__, "numpy": np.__version__,
@@ -233,10 +258,16 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   chief = distribute_utils.is_chief(strategy)
   manifest = preflight(cfg, chief)
   class_names = manifest_lib.class_names(manifest)
+  manifest_sha256 = fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE))
+  # Before anything is built or written: does the model_dir hold another run?
+  run_state.check(cfg, manifest_sha256, cfg.overwrite, chief)
+  learning_rates = {stage: optimization.scaled_learning_rate(lr, cfg.global_batch_size, cfg.base_batch_size,
+                                                             cfg.lr_scaling)
+                    for stage, lr in ((1, cfg.stage1_lr), (2, cfg.stage2_lr))}
   model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
   if chief:
     fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
-                      run_config(cfg, strategy, policy, xla, class_names))
+                      run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256))
     artifacts.write_label_map(model_dir, class_names)
 
   train_info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
@@ -245,21 +276,27 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
   num_train = min(train_info.num_examples, take_train or train_info.num_examples)
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
+  num_val = min(val_info.num_examples, take_eval or val_info.num_examples)
+  cache = data.choose_cache(cfg.cache, num_train + num_val, cfg.image_size)
   train = data.train_dataset(train_info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed,
-                             take=take_train)
-  validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval)
+                             take=take_train, cache=cache,
+                             num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
+  validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval,
+                                       cache=cache)
   steps_per_epoch, steps_per_execution = epoch_steps(num_train, cfg.global_batch_size,
                                                      cfg.steps_per_execution)
   logging.info("train: %d images, %d steps of %d per epoch; validation: %d images in %d steps; "
-               "class weights %s; XLA %s", num_train, steps_per_epoch, cfg.global_batch_size,
-               validation.num_examples, validation.steps,
-               None if weights is None else np.round(weights, 2).tolist(), "on" if xla else "off")
+               "class weights %s; XLA %s; learning rates %.3g, %.3g (%s scaling from batch %d)",
+               num_train, steps_per_epoch, cfg.global_batch_size, validation.num_examples,
+               validation.steps, None if weights is None else np.round(weights, 2).tolist(),
+               "on" if xla else "off", learning_rates[1], learning_rates[2], cfg.lr_scaling,
+               cfg.base_batch_size)
 
   with strategy.scope():
     inner = model_lib.build_inner_model(cfg.weights, num_classes=len(class_names))
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
-              weights, model_dir, chief)
+              weights, learning_rates, manifest_sha256, model_dir, chief)
   try:
     epoch = train_head(state)
     fine_tune(state, epoch)
@@ -268,8 +305,10 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
       fileio.remove_if_exists(model_dir)
 
   metrics = {}
-  # Evaluation runs on the chief alone, outside the strategy: no collective step
-  # for the other workers to wait on.
+  # Calibration and evaluation run on the chief alone, outside the strategy: no collective
+  # step for the other workers to wait on.
+  if chief:
+    evaluate_lib.calibrate(model_dir, cfg.data_dir, cfg.image_size, take=take_eval)
   if cfg.evaluate and chief:
     metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
                                     take=take_eval)

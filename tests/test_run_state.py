@@ -1,0 +1,179 @@
+"""A run you can trust: one run per model_dir, learning rates that follow the batch, callbacks
+that survive a restart, a cache that fits, and epochs of the length asked for."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job import callbacks as callbacks_lib, config as config_lib, data, optimization, run_state, train
+from tfrecords import cli, fileio
+
+
+def _write_records(cfg, fingerprint_of_stage):
+  """Stage markers, a backup and a best-model record as a run with these settings leaves them."""
+  for stage in (1, 2):
+    fileio.write_json(os.path.join(cfg.checkpoint_root, "checkpoints", f"stage{stage}.json"),
+                      {"stage": stage, "next_epoch": stage, "fingerprint": fingerprint_of_stage(stage)})
+  fileio.write_json(os.path.join(cfg.checkpoint_root, "backup", "stage2", "training_metadata.json"),
+                    {"epoch": 1, "batch": 0, "fingerprint": fingerprint_of_stage(2)})
+  fileio.write_json(os.path.join(cfg.model_dir, "best_model.json"),
+                    {"monitor": "val_f1", "value": 0.5, "stage": 2, "fingerprint": fingerprint_of_stage(2)})
+  fileio.write_json(os.path.join(cfg.model_dir, "run_config.json"), {"image_size": cfg.image_size})
+
+
+def test_a_model_dir_holding_another_run_is_refused_then_cleared_on_overwrite(tmp_path):
+  earlier = config_lib.TrainConfig(data_dir="d", model_dir=str(tmp_path / "run"),
+                                   checkpoint_dir=str(tmp_path / "aip_checkpoints"), image_size=64)
+  _write_records(earlier, lambda stage: run_state.fingerprint(earlier, "sha-a", stage))
+  # The same settings resume; settings that do not shape the model may change.
+  run_state.check(earlier, "sha-a", overwrite=False, chief=True)
+  same = config_lib.TrainConfig(**{**earlier.__dict__, "stage1_epochs": 30, "patience": 2,
+                                   "mixed_precision": "bfloat16", "steps_per_execution": 4})
+  run_state.check(same, "sha-a", overwrite=False, chief=True)
+
+  other = config_lib.TrainConfig(**{**earlier.__dict__, "image_size": 32})
+  with pytest.raises(cli.UserError, match=r"holds another run \(image_size: 64 → 32; .*--overwrite"):
+    run_state.check(other, "sha-a", overwrite=False, chief=True)
+  with pytest.raises(cli.UserError, match="manifest_sha256: 'sha-a' → 'sha-b'"):
+    run_state.check(earlier, "sha-b", overwrite=False, chief=True)
+  stage2_only = config_lib.TrainConfig(**{**earlier.__dict__, "fine_tune_layers": 10})
+  with pytest.raises(cli.UserError, match="fine_tune_layers: 50 → 10"):
+    run_state.check(stage2_only, "sha-a", overwrite=False, chief=True)
+  assert json.load(open(tmp_path / "run" / "run_config.json")) == {"image_size": 64}  # untouched
+
+  run_state.check(other, "sha-a", overwrite=True, chief=False)  # another worker: clears nothing
+  assert (tmp_path / "aip_checkpoints" / "checkpoints" / "stage1.json").exists()
+  run_state.check(other, "sha-a", overwrite=True, chief=True)
+  assert not (tmp_path / "aip_checkpoints" / "checkpoints").exists()
+  assert not (tmp_path / "aip_checkpoints" / "backup").exists()
+  assert not (tmp_path / "run" / "best_model.json").exists() and not (tmp_path / "run" / "run_config.json").exists()
+  run_state.check(other, "sha-a", overwrite=False, chief=True)  # now empty: nothing to refuse
+
+
+def test_learning_rates_follow_the_global_batch():
+  assert optimization.scaled_learning_rate(1e-4, 32, 32, "sqrt") == 1e-4  # the seed's, at its batch
+  assert optimization.scaled_learning_rate(1e-4, 256, 32, "sqrt") == pytest.approx(1e-4 * 8 ** 0.5)
+  assert optimization.scaled_learning_rate(1e-4, 256, 32, "linear") == pytest.approx(8e-4)
+  assert optimization.scaled_learning_rate(1e-4, 8, 32, "sqrt") == pytest.approx(0.5e-4)  # both ways
+  assert optimization.scaled_learning_rate(1e-4, 256, 32, "none") == 1e-4
+
+
+def _tiny_model(learning_rate):
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+  model.compile(keras.optimizers.Adam(learning_rate), "categorical_crossentropy")
+  return model
+
+
+class _LearningRates(keras.callbacks.Callback):
+  def on_train_batch_end(self, batch, logs=None):
+    self.seen = getattr(self, "seen", []) + [float(self.model.optimizer.learning_rate)]
+
+
+def test_warm_up_rises_linearly_then_leaves_the_rate_alone():
+  model = _tiny_model(0.1)
+  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
+  rates = _LearningRates()
+  # A stage starting at epoch 3, 4 steps an epoch, a warm-up of 1.5 epochs (6 steps).
+  model.fit(x, y, batch_size=4, epochs=6, initial_epoch=3, verbose=0, shuffle=False,
+            callbacks=[optimization.WarmUp(0.1, 6, first_epoch=3, steps_per_epoch=4), rates])
+  assert rates.seen[:6] == pytest.approx([0.1 * k / 6 for k in range(1, 7)])
+  assert rates.seen[6:] == pytest.approx([0.1] * 6)
+  model.optimizer.learning_rate = 0.05  # as ReduceLROnPlateau would: past the warm-up, kept
+  rates.seen = []
+  model.fit(x, y, batch_size=4, epochs=8, initial_epoch=6, verbose=0, shuffle=False,
+            callbacks=[optimization.WarmUp(0.1, 6, first_epoch=3, steps_per_epoch=4), rates])
+  assert rates.seen == pytest.approx([0.05] * 8)
+
+
+def test_early_stopping_and_reduce_lr_resume_where_they_were(tmp_path):
+  """A flat validation loss: uninterrupted, EarlyStopping(patience=3) stops after epoch 4 and
+  ReduceLROnPlateau(patience=2) halves the rate after epoch 3. Stopped after epoch 2 and
+  resumed from the backup, the stage must do exactly the same."""
+  x, y = np.zeros((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+
+  def fit(epochs, stop_after=None):
+    model = _tiny_model(0.0)  # nothing changes: the loss is flat
+    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3)
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2)
+    backup = callbacks_lib.PreemptibleBackup(str(tmp_path / "backup"), fingerprint={"run": 1},
+                                             stateful_callbacks=[early, reduce_lr])
+
+    class StopAfter(keras.callbacks.Callback):  # the SIGTERM that Vertex AI sends, at an epoch's end
+      def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == stop_after:
+          backup.requested = True
+
+    model.optimizer.learning_rate = 0.0
+    history = model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=epochs, verbose=0,
+                        callbacks=[StopAfter(), early, reduce_lr, backup])
+    return history, model
+
+  uninterrupted, _ = fit(10)
+  assert uninterrupted.epoch == [0, 1, 2, 3]
+  with pytest.raises(callbacks_lib.Preempted):
+    fit(10, stop_after=2)
+  saved = json.load(open(tmp_path / "backup" / "training_metadata.json"))
+  assert saved["callbacks"]["EarlyStopping"]["wait"] == 1 and saved["fingerprint"] == {"run": 1}
+  resumed, _ = fit(10)
+  assert resumed.epoch == [2, 3]  # stops where the uninterrupted run stopped
+  assert resumed.history["learning_rate"] == pytest.approx(uninterrupted.history["learning_rate"][2:])
+
+
+def test_a_backup_of_another_run_is_not_restored(tmp_path):
+  x, y = np.zeros((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+  fileio.write_json(str(tmp_path / "backup" / "training_metadata.json"),
+                    {"epoch": 5, "batch": 0, "fingerprint": {"run": "other"}})
+  model = _tiny_model(0.01)
+  backup = callbacks_lib.PreemptibleBackup(str(tmp_path / "backup"), fingerprint={"run": 1})
+  history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[backup])
+  assert history.epoch == [0, 1]  # not resumed at epoch 5
+
+
+def test_the_cache_goes_to_disk_when_memory_is_short(tmp_path, shards_dir):
+  assert data.choose_cache("auto", 10_000, 224, available=64 * 2**30) == "memory"  # 1.5 GB of 64
+  assert data.choose_cache("auto", 10_000, 224, available=2 * 2**30) == "disk"
+  assert data.choose_cache("memory", 10_000, 224, available=1) == "memory"  # as asked
+  from tfrecords import manifest as manifest_lib
+  info = manifest_lib.split_info(shards_dir, manifest_lib.read(shards_dir), "validation")
+  on_disk = data.validation_dataset(info, 16, 8, cache="disk")
+  in_memory = data.validation_dataset(info, 16, 8, cache="memory")
+  for _ in range(2):  # the second pass reads the cache file
+    for (a, la, wa), (b, lb, wb) in zip(on_disk.dataset, in_memory.dataset):
+      assert np.array_equal(a, b) and np.array_equal(la, lb) and np.array_equal(wa, wb)
+
+
+def test_steps_per_execution_never_lengthens_an_epoch():
+  assert train.epoch_steps(100, 32, 1) == (4, 1)
+  assert train.epoch_steps(100, 32, 8) == (4, 4)  # capped at the epoch
+  assert train.epoch_steps(1000, 32, 8) == (32, 8)
+  steps, per_execution = train.epoch_steps(320, 32, 3)  # 10 steps: whole executions of 3 → 9
+  assert steps % per_execution == 0 and steps <= 10
+
+
+def test_nonsense_learning_rates_and_layer_counts_are_refused():
+  for flag, value in (("stage1_lr", -1.0), ("stage2_lr", 0.0), ("stage1_lr", float("nan"))):
+    with pytest.raises(cli.UserError, match=f"--{flag}={value} must be a positive learning rate"):
+      config_lib.validated(config_lib.TrainConfig(data_dir="d", **{flag: value}))
+  with pytest.raises(cli.UserError, match="--fine_tune_layers=10000: the ResNet-50 backbone has 175 layers"):
+    config_lib.validated(config_lib.TrainConfig(data_dir="d", fine_tune_layers=10000))
+  from job import model as model_lib
+  assert len(model_lib.build_backbone("none").layers) == model_lib.BACKBONE_LAYERS
+
+
+def test_a_nan_loss_stops_the_stage_and_keeps_the_best_model(tmp_path):
+  x, y = np.ones((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+  model = _tiny_model(0.01)
+  best = callbacks_lib.BestModelCheckpoint(model, str(tmp_path / "best_model.keras"),
+                                           str(tmp_path / "best_model.json"), "val_loss", "min", 1, {"run": 1})
+  model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0, callbacks=[best])
+  saved = (tmp_path / "best_model.keras").read_bytes()
+  model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+  with pytest.raises(callbacks_lib.NonFiniteLoss, match="stage 2, epoch 2, step 1: the training loss is nan"):
+    model.fit(x, y, validation_data=(x, y), epochs=2, initial_epoch=1, verbose=0,
+              callbacks=[callbacks_lib.StopOnNonFiniteLoss(2, 1e-3), best])
+  assert (tmp_path / "best_model.keras").read_bytes() == saved
