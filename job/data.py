@@ -13,13 +13,19 @@ run on the accelerator, inside the training wrapper (job/model.py).
 
 import dataclasses
 import math
+import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from sklearn.utils.class_weight import compute_class_weight
 
 from tfrecords import features
 from tfrecords.manifest import SplitInfo
+
+CACHE_MODES = ("auto", "memory", "disk", "none")
+MEMORY_SHARE = 0.5  # auto: cache in memory only what fits in half the memory available
 
 # What predictions.csv carries beside each prediction, for audit and subgroup metrics.
 METADATA_KEYS = {"image_id": features.SOURCE_ID, "lesion_id": features.LESION_ID,
@@ -62,23 +68,62 @@ def _finish(dataset: tf.data.Dataset, shard_policy) -> tf.data.Dataset:
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def available_memory() -> int:
+  """Bytes of memory this host can still give (MemAvailable), or all of it where unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_cache(mode: str, num_images: int, image_size: int, available: int | None = None) -> str:
+  """memory, disk or none for `--cache=mode`: auto keeps the uint8 images in memory when they
+  fit in half the memory available, else in a local file. Logs the estimate."""
+  needed = num_images * image_size * image_size * 3
+  available = available_memory() if available is None else available
+  chosen = mode if mode != "auto" else "memory" if needed <= MEMORY_SHARE * available else "disk"
+  logging.info("cache: %s (%d images at %d px take %.0f MB; %.0f MB of memory available)", chosen,
+               num_images, image_size, needed / 2**20, available / 2**20)
+  return chosen
+
+
+def _cached(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
+  if cache == "memory":
+    return dataset.cache()
+  if cache == "disk":  # a local file per process (workers on one host must not share one)
+    return dataset.cache(os.path.join(tempfile.mkdtemp(prefix="ham10000-cache-"), name))
+  return dataset
+
+
 def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, seed: int = 0,
-                  take: int | None = None) -> tf.data.Dataset:
+                  take: int | None = None, cache: str = "memory", num_workers: int = 1) -> tf.data.Dataset:
   """(uint8 images, one-hot labels) batches: shuffled, repeated forever, every batch full
   (a static shape, as XLA and TPUs need).
 
   Repeating means steps per epoch come from the manifest, so workers with
-  unequal shares stay in step; shards are split between workers by file. The
-  class weights live in the loss (job/train.py), not here."""
+  unequal shares stay in step. Shards are split between workers by file, or by
+  example where there are fewer shards than workers (a worker without a file
+  would have nothing to train on). The class weights live in the loss
+  (job/train.py), not here."""
   dataset = _decoded(info, image_size, [], shuffle_files=True, seed=seed, take=take)
-  dataset = dataset.map(lambda image, label, _: (image, label)).cache()  # before any random op
+  dataset = _cached(dataset.map(lambda image, label, _: (image, label)), cache, "train")  # before any random op
   dataset = dataset.shuffle(min(info.num_examples, 10_000), seed=seed, reshuffle_each_iteration=True)
   dataset = dataset.repeat()
   num_classes = len(info.class_counts)
   dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, num_classes)),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   dataset = dataset.batch(global_batch_size, drop_remainder=True)
-  return _finish(dataset, tf.data.experimental.AutoShardPolicy.FILE)
+  policy = tf.data.experimental.AutoShardPolicy.FILE
+  if len(info.files) < num_workers:
+    logging.info("%d train shards for %d workers: splitting the train split between workers by "
+                 "example (convert with --num_train_shards >= %d to split by file)", len(info.files),
+                 num_workers, num_workers)
+    policy = tf.data.experimental.AutoShardPolicy.DATA
+  return _finish(dataset, policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +134,7 @@ class ValidationData:
 
 
 def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *,
-                       take: int | None = None) -> ValidationData:
+                       take: int | None = None, cache: str = "memory") -> ValidationData:
   """One pass over the split in whole batches of `global_batch_size`: the last is padded.
 
   Every batch has one static shape (XLA, TPUs), and no replica or worker is ever
@@ -104,7 +149,7 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
   padding = steps * global_batch_size - num_examples
   weight = steps * global_batch_size / max(num_examples, 1)
   real = _decoded(info, image_size, [], shuffle_files=False, take=take)
-  real = real.map(lambda image, label, _: (image, label)).cache()
+  real = _cached(real.map(lambda image, label, _: (image, label)), cache, "validation")
   num_classes = len(info.class_counts)
   real = real.map(lambda image, label: (image, tf.one_hot(label, num_classes), weight))
   pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),

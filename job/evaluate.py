@@ -1,11 +1,14 @@
-r"""Evaluation of the best model: the ISIC metric set, calibrated, with pictures.
+r"""Calibration and evaluation of the best model: the ISIC metric set, with pictures.
 
   python -m job.evaluate --data_dir=DIR --model_dir=artifacts [--split=test]
 
-Writes into the model_dir: predictions.csv, metrics.json, calibration.json,
-confusion_matrix.png, training_curves.png and reliability_diagram.png. The
-validation split chooses what must not be chosen on test: the temperature and
-the melanoma operating threshold. The classes are the run's (its label_map.json).
+`calibrate` runs once, at the end of training: on the validation split it fits
+the temperature and chooses the melanoma operating threshold (90% specificity)
+on the calibrated probabilities that job.predict and the serving export
+return, and writes calibration.json. `evaluate` never fits anything on the
+split it evaluates: it reads calibration.json, so it needs no validation split,
+and writes predictions.csv, metrics.json, confusion_matrix.png,
+training_curves.png and reliability_diagram.png. The classes are the run's.
 """
 
 import io
@@ -21,6 +24,7 @@ from job import artifacts, calibration, data, metrics as metrics_lib, model as m
 from tfrecords import cli, fileio, manifest as manifest_lib
 
 MELANOMA_SPECIFICITY = 0.90
+BOOTSTRAP = 1000  # lesion-bootstrap replicates for the 95% intervals
 HEADLINE = (("balanced_accuracy", "balanced accuracy", "always_nv_balanced_accuracy"),
             ("accuracy", "accuracy", "always_nv_accuracy"), ("macro_f1", "macro F1", None),
             ("macro_roc_auc", "macro ROC AUC", None))
@@ -53,37 +57,62 @@ def labels_and_probabilities(predictions: pd.DataFrame, class_names) -> tuple[np
   return labels, probabilities
 
 
-def melanoma_figures(labels, probabilities, val_labels, val_probabilities, class_names) -> dict:
-  """Sensitivity and specificity at the threshold with 90% specificity on validation."""
+def calibrate(model_dir: str, data_dir: str, image_size: int | None = None,
+              take: int | None = None) -> dict:
+  """Fits calibration.json on the validation split: the temperature, then the melanoma
+  threshold on the calibrated probabilities."""
+  image_size = image_size or artifacts.read_run_config(model_dir)["image_size"]
+  class_names = artifacts.class_names(model_dir)
+  manifest = manifest_lib.read(data_dir)
+  validation = predict_split(artifacts.load_best_model(model_dir),
+                             manifest_lib.split_info(data_dir, manifest, "validation"), class_names,
+                             image_size, take=take)
+  labels, probabilities = labels_and_probabilities(validation, class_names)
+  temperature = calibration.fit_temperature(labels, probabilities)
+  mel = metrics_lib.class_index(class_names, metrics_lib.MELANOMA)
+  threshold = None if mel is None else {
+      "value": metrics_lib.melanoma_threshold(labels, calibration.apply_temperature(probabilities, temperature),
+                                              mel, MELANOMA_SPECIFICITY),
+      "scale": "calibrated", "target_specificity": MELANOMA_SPECIFICITY}
+  calibration_json = {"method": "temperature_scaling", "temperature": temperature, "fitted_on": "validation",
+                      "num_images": int(len(validation)), "melanoma_threshold": threshold}
+  fileio.write_json(artifacts.path(model_dir, artifacts.CALIBRATION_FILE), calibration_json)
+  logging.info("calibration on %d validation images: temperature %.3f%s", len(validation), temperature,
+               "" if threshold is None else f", melanoma threshold {threshold['value']:.3f} (calibrated)")
+  return calibration_json
+
+
+def melanoma_figures(labels, calibrated, class_names, calibration_json) -> dict:
+  """Sensitivity and specificity at the threshold chosen on validation (calibration.json)."""
   mel = metrics_lib.class_index(class_names, metrics_lib.MELANOMA)
   if mel is None:
     return {"available": False, "note": f"no {metrics_lib.MELANOMA} class in this run"}
-  threshold = metrics_lib.melanoma_threshold(val_labels, val_probabilities, mel, MELANOMA_SPECIFICITY)
-  return {"available": True, **metrics_lib.melanoma_operating_point(labels, probabilities, mel, threshold),
-          "chosen_on": "validation", "target_specificity": MELANOMA_SPECIFICITY}
+  threshold = calibration_json["melanoma_threshold"]
+  return {"available": True,
+          **metrics_lib.melanoma_operating_point(labels, calibrated, mel, threshold["value"]),
+          "scale": "calibrated probabilities", "chosen_on": "validation",
+          "target_specificity": threshold["target_specificity"]}
 
 
-def compute_metrics(test: pd.DataFrame, validation: pd.DataFrame, class_names, bootstrap: int = 1000,
-                    seed: int = 0) -> tuple[dict, dict]:
-  """metrics.json's content and calibration.json's, from the two splits' predictions."""
+def compute_metrics(test: pd.DataFrame, class_names, calibration_json: dict, seed: int = 0) -> dict:
+  """metrics.json's content, from the split's predictions and the run's calibration."""
   labels, probabilities = labels_and_probabilities(test, class_names)
-  val_labels, val_probabilities = labels_and_probabilities(validation, class_names)
-  temperature = calibration.fit_temperature(val_labels, val_probabilities)
+  temperature = calibration_json["temperature"]
   calibrated = calibration.apply_temperature(probabilities, temperature)
   counts = skm.confusion_matrix(labels, probabilities.argmax(axis=1), labels=range(len(class_names)))
-  result = {
+  return {
       "num_images": int(len(test)),
       "num_lesions": int(test["lesion_id"].nunique()),
       **metrics_lib.headline(labels, probabilities),
       "baselines": metrics_lib.baselines(labels, class_names),
       "confidence_intervals_95": metrics_lib.lesion_bootstrap(labels, probabilities,
-                                                              test["lesion_id"].to_numpy(), bootstrap, seed),
+                                                              test["lesion_id"].to_numpy(), BOOTSTRAP, seed),
       "per_class": metrics_lib.per_class_report(labels, probabilities, class_names),
-      "melanoma": melanoma_figures(labels, probabilities, val_labels, val_probabilities, class_names),
+      "melanoma": melanoma_figures(labels, calibrated, class_names, calibration_json),
       "confusion_matrix": {"labels": list(class_names), "counts": counts.tolist()},
       "subgroups_balanced_accuracy": metrics_lib.subgroups(labels, probabilities, test),
       "calibration": {
-          "temperature": temperature,
+          "temperature": temperature, "fitted_on": calibration_json["fitted_on"],
           "ece_15_bins": {"before": metrics_lib.expected_calibration_error(labels, probabilities),
                           "after": metrics_lib.expected_calibration_error(labels, calibrated)},
           "brier": {"before": metrics_lib.brier_score(labels, probabilities),
@@ -94,9 +123,6 @@ def compute_metrics(test: pd.DataFrame, validation: pd.DataFrame, class_names, b
                                "after": metrics_lib.reliability_bins(labels, calibrated)},
       },
   }
-  calibration_json = {"method": "temperature_scaling", "temperature": temperature,
-                      "fitted_on": "validation", "num_images": int(len(validation))}
-  return result, calibration_json
 
 
 def headline_lines(metrics: dict) -> list[str]:
@@ -119,36 +145,34 @@ def log_summary(metrics: dict, test: pd.DataFrame, class_names):
     logging.info("%s", line)
   mel = metrics["melanoma"]
   if mel["available"] and mel["sensitivity"] is not None:
-    logging.info("melanoma at p>=%.3f (90%% specificity on validation): sensitivity %.3f, "
+    logging.info("melanoma at calibrated p>=%.3f (90%% specificity on validation): sensitivity %.3f, "
                  "specificity %.3f on %s", mel["threshold"], mel["sensitivity"], mel["specificity"],
                  metrics["split"])
 
 
 def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int | None = None,
              take: int | None = None) -> dict:
-  """Predicts validation and `split`; writes the files listed in the module docstring."""
+  """Predicts `split` and writes the files listed in the module docstring; fits nothing."""
   run_config = artifacts.read_run_config(model_dir)
   class_names = artifacts.class_names(model_dir)
+  calibration_json = artifacts.read_calibration(model_dir)
+  if calibration_json is None:
+    raise cli.UserError(f"--model_dir={model_dir}: no {artifacts.CALIBRATION_FILE} (the training job "
+                        "writes it when it finishes; rerun its command to finish it)")
   image_size = image_size or run_config["image_size"]
   manifest = manifest_lib.read(data_dir)
   if manifest_lib.class_names(manifest) != class_names:
     raise cli.UserError(f"--data_dir={data_dir} holds the classes {list(manifest_lib.class_names(manifest))}, "
                         f"the run in --model_dir={model_dir} {list(class_names)}")
-  model = artifacts.load_best_model(model_dir)
-
-  def predictions(split_name):
-    return predict_split(model, manifest_lib.split_info(data_dir, manifest, split_name), class_names,
-                         image_size, take=take)
-
-  test, validation = predictions(split), predictions("validation")
-  metrics, calibration_json = compute_metrics(test, validation, class_names, seed=run_config.get("seed", 0))
-  metrics = {"split": split, **metrics}
+  test = predict_split(artifacts.load_best_model(model_dir), manifest_lib.split_info(data_dir, manifest, split),
+                       class_names, image_size, take=take)
+  metrics = {"split": split, **compute_metrics(test, class_names, calibration_json,
+                                               seed=run_config.get("seed", 0))}
   log_summary(metrics, test, class_names)
   out = io.StringIO()
   test.to_csv(out, index=False)
   fileio.write_atomic(artifacts.path(model_dir, artifacts.PREDICTIONS_FILE), out.getvalue())
   fileio.write_json(artifacts.path(model_dir, artifacts.METRICS_FILE), metrics)
-  fileio.write_json(artifacts.path(model_dir, artifacts.CALIBRATION_FILE), calibration_json)
   write_plots(model_dir, metrics, run_config)
   return metrics
 

@@ -1,7 +1,7 @@
 r"""Inference on raw JPEGs, and the serving export.
 
   python -m job.predict --model_dir=artifacts photo.jpg folder/ "gs://bucket/new/*.jpg"
-  python -m job.predict --model_dir=artifacts --tta --output=preds.csv folder/
+  python -m job.predict --model_dir=artifacts --output=preds.csv folder/
   python -m job.predict --model_dir=artifacts --export_dir=gs://bucket/serving/1
 
 Images of any size are resized to the training size from run_config.json and
@@ -58,7 +58,7 @@ def load_for_inference(model_dir: str) -> InferenceModel:
 
 
 def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool = True,
-                  tta: bool = False, batch_size: int = 32) -> pd.DataFrame:
+                  batch_size: int = 32) -> pd.DataFrame:
   """Label, probability and top 3 per image, plus every class probability."""
   def load(path):
     return features.decode_and_resize(tf.io.read_file(path), inference.image_size)
@@ -66,12 +66,7 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
   dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
   probabilities = []
   for images in dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE):
-    views = [images]
-    if tta:  # the four flips of each image, averaged
-      views += [tf.image.flip_left_right(images), tf.image.flip_up_down(images),
-                tf.image.flip_up_down(tf.image.flip_left_right(images))]
-    probabilities.append(np.mean([inference.model.predict_on_batch(model_lib.preprocess(v))
-                                  for v in views], axis=0))
+    probabilities.append(inference.model.predict_on_batch(model_lib.preprocess(images)))
   probabilities = calibration.apply_temperature(np.concatenate(probabilities).astype(np.float64),
                                                 inference.temperature if calibrated else 1.0)
   names = np.asarray(inference.class_names)
@@ -112,7 +107,6 @@ def export_serving(inference: InferenceModel, export_dir: str):
 
 def define_flags():
   flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
-  flags.DEFINE_bool("tta", False, "Average the probabilities over the image's four flips.")
   flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
   flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
   flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
@@ -129,7 +123,7 @@ def main(argv):
     if not FLAGS.export_dir:
       raise cli.UserError("give JPEG files, folders or globs to predict (or --export_dir)")
     return
-  table = predict_files(inference, paths, calibrated=not FLAGS.raw, tta=FLAGS.tta)
+  table = predict_files(inference, paths, calibrated=not FLAGS.raw)
   if FLAGS.output:
     out = io.StringIO()
     table.to_csv(out, index=False)

@@ -9,7 +9,7 @@ from helpers import run_module
     ("tfrecords.convert", ["--source", "--output_dir", "--num_train_shards", "--traceback"]),
     ("job.train", ["--data_dir", "--global_batch_size", "--jit_compile", "--stage2_lr"]),
     ("job.evaluate", ["--data_dir", "--model_dir", "--split"]),
-    ("job.predict", ["--model_dir", "--tta", "--export_dir"]),
+    ("job.predict", ["--model_dir", "--raw", "--export_dir"]),
     ("job.demo", ["--work_dir", "--num_images"]),
     ("launch.vertex", ["--machine_type", "--replica_count", "--dry_run"]),
 ])

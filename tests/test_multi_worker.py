@@ -80,3 +80,21 @@ def test_two_workers_train_both_stages_and_only_the_chief_writes(shards_dir, tmp
   assert len(predictions) == predictions["image_id"].nunique()
   assert "test split, " in results[0][1] and "test split, " not in results[1][1]
   assert os.listdir(worker_tmp) == []
+
+
+def test_two_workers_with_fewer_train_shards_than_workers(source, tmp_path):
+  """One train shard for two workers (splitting by file would leave one without data), a
+  validation split of 46 images that ends in a padded batch, and a cache on disk."""
+  from tfrecords import convert
+  data_dir = str(tmp_path / "one_shard")
+  convert.convert(source, data_dir, convert.Settings(source=source.description, num_train_shards=1,
+                                                     num_eval_shards=1, image_size=32), workers=1)
+  model_dir = tmp_path / "model"
+  command = [sys.executable, "-m", "job.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+             "--weights=none", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1",
+             "--stage2_epochs=0", "--noevaluate", "--cache=disk"]
+  for code, output in run_workers(command, tmp_path):
+    assert code == 0, output[-5000:]
+    assert "1 train shards for 2 workers: splitting the train split between workers by example" in output
+    assert "cache: disk" in output
+  assert pd.read_csv(model_dir / "history.csv")["stage"].tolist() == [1]
