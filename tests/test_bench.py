@@ -42,3 +42,13 @@ def test_bench_gpu_smoke(work_dir):
   figures = last_json_line(run_module("bench.gpu", "--smoke", f"--work_dir={work_dir}", "--epochs=1"))
   row = figures["results"][0]
   assert row["job_img_s"] > 0 and 0 <= row["input_wait_share"] <= 1
+
+
+def test_bench_lr_scaling(work_dir):
+  figures = last_json_line(run_module("bench.lr_scaling", f"--work_dir={work_dir}", "--num_images=300",
+                                      "--image_size=32", "--small_batch=8", "--large_batch=32", "--seeds=1",
+                                      "--stage1_epochs=1", "--stage2_epochs=0"))
+  assert [(r["global_batch_size"], r["lr_scaling"]) for r in figures["results"]] == [
+      (8, "none"), (32, "none"), (32, "sqrt")]
+  for row in figures["results"]:
+    assert 0 <= row["val_balanced_accuracy_mean"] <= 1 and len(row["val_balanced_accuracy"]) == 1
