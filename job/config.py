@@ -47,6 +47,7 @@ class TrainConfig:
   backup_steps: int = 0
   seed: int = 0
   debug: bool = False
+  verify_shards: bool = True
   run_eagerly: bool = False
   evaluate: bool = True
   export_dir: str | None = None
@@ -111,6 +112,9 @@ def define_flags():
   flags.DEFINE_integer("seed", d("seed"), "Random seed (weights, shuffling, augmentation).")
   flags.DEFINE_bool("debug", d("debug"), "A small subset (64 train, 32 validation and test images) "
                     "for a quick run on one GPU or CPU.")
+  flags.DEFINE_bool("verify_shards", d("verify_shards"), "Check every shard's sha256 against the "
+                    "manifest before training (in parallel); --noverify_shards skips it for very large "
+                    "sets, and a damaged shard is then named only when training reads it.")
   flags.DEFINE_bool("run_eagerly", d("run_eagerly"), "Run the model eagerly (slow; for debugging).")
   flags.DEFINE_bool("evaluate", d("evaluate"), "Evaluate the best model on the test split at the end.")
   flags.DEFINE_string("export_dir", d("export_dir"), "Also write a serving SavedModel (JPEG bytes in, "

@@ -226,18 +226,12 @@ def epoch_steps(num_train: int, global_batch_size: int, steps_per_execution: int
 def preflight(cfg: config_lib.TrainConfig, chief: bool) -> dict:
   """Fails in seconds, not after an hour of training, when data or model_dir is unusable."""
   manifest = manifest_lib.read(cfg.data_dir)
-  for split in ("train", "validation") + (("test",) if cfg.evaluate else ()):
-    for shard in manifest_lib.split_info(cfg.data_dir, manifest, split).files:
-      if not tf.io.gfile.exists(shard):
-        raise cli.UserError(f"--data_dir={cfg.data_dir}: {shard} listed in {manifest_lib.MANIFEST_FILE} "
-                            "is missing")
+  splits = ("train", "validation") + (("test",) if cfg.evaluate else ())
+  for split in splits:
+    manifest_lib.split_info(cfg.data_dir, manifest, split)  # names a missing split
+  manifest_lib.check_shards(cfg.data_dir, manifest, splits, checksums=cfg.verify_shards)
   if chief:
-    probe = fileio.join(cfg.model_dir, ".write_probe")
-    try:
-      fileio.write_atomic(probe, "ok")
-      tf.io.gfile.remove(probe)
-    except (tf.errors.OpError, OSError) as e:
-      raise cli.UserError(f"--model_dir={cfg.model_dir} is not writable: {e}") from e
+    fileio.check_writable(cfg.model_dir, "--model_dir")
   return manifest
 
 
@@ -300,6 +294,10 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   try:
     epoch = train_head(state)
     fine_tune(state, epoch)
+  except tf.errors.DataLossError:
+    # TensorFlow's "corrupted record at 28912" names no file: the checksums do.
+    manifest_lib.check_shards(cfg.data_dir, manifest, ("train", "validation"))
+    raise
   finally:
     if not chief:  # its temporary folder, stopped or not
       fileio.remove_if_exists(model_dir)

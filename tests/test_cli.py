@@ -1,5 +1,7 @@
 """Every command starts the same way: its flags under --help, user errors as one line."""
 
+import os
+
 import pytest
 
 from helpers import run_module
@@ -53,3 +55,22 @@ def test_a_model_dir_without_a_run_is_named(tmp_path):
   for module, extra in (("job.predict", ["x.jpg"]), ("job.evaluate", [f"--data_dir={tmp_path}"])):
     line = _one_line_error(run_module(module, f"--model_dir={tmp_path}", *extra, check=False))
     assert f"--model_dir={tmp_path}: no run_config.json" in line
+
+
+def test_damaged_shards_are_named_before_training(shards_dir, tmp_path):
+  import shutil
+  data_dir = tmp_path / "damaged"
+  shutil.copytree(shards_dir, data_dir)
+  flipped, cut = data_dir / "train-00003-of-00016.tfrecord", data_dir / "validation-00001-of-00004.tfrecord"
+  content = bytearray(flipped.read_bytes())
+  content[len(content) // 2] ^= 0xFF
+  flipped.write_bytes(bytes(content))
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  # --debug reads 64 images and might never reach either: the check before training does.
+  args = [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}", "--debug", "--weights=none"]
+  line = _one_line_error(run_module("job.train", *args, check=False))
+  assert f"{flipped} is damaged" in line and f"{cut} is damaged" in line
+  os.remove(data_dir / "test-00000-of-00004.tfrecord")
+  assert "test-00000-of-00004.tfrecord is missing" in _one_line_error(
+      run_module("job.train", *args, check=False))
+  assert not (tmp_path / "run" / "run_config.json").exists()

@@ -262,3 +262,40 @@ def test_killed_conversion_leaves_no_manifest_and_rerun_finishes(synthetic_dir, 
   clean = json.load(open(os.path.join(shards_dir, "manifest.json")))
   assert resumed["splits"] == clean["splits"]  # same shards, byte for byte
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_a_lesion_with_two_diagnoses_is_named_with_its_rows(small_copy):
+  table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  lesion = table["lesion_id"][table["lesion_id"].duplicated()].iloc[0]
+  rows = table.index[table["lesion_id"] == lesion]
+  table.loc[rows[-1], "dx"] = "vasc" if table.loc[rows[0], "dx"] != "vasc" else "df"
+  table.to_csv(small_copy / "HAM10000_metadata.csv", index=False)
+  result = run_module("tfrecords.convert", f"--source={small_copy}", f"--output_dir={small_copy / 'out'}",
+                      check=False)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert f"lesion {lesion} has two diagnoses" in line
+  assert f"row {rows[-1] + 2}: {table.loc[rows[-1], 'dx']}" in line and f"row {rows[0] + 2}: " in line
+
+
+def test_an_output_dir_that_is_a_file_is_named(source, tmp_path):
+  (tmp_path / "file").write_text("not a folder")
+  with pytest.raises(convert.ConversionError, match=r"--output_dir=.*/file is a file, not a folder"):
+    convert.convert(source, str(tmp_path / "file"), convert.Settings(source=source.description))
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_no_half_written_shard(synthetic_dir, tmp_path):
+  full = tmp_path / "full"
+  full.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(full)],
+                    capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    result = run_module("tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={full}",
+                        "--workers=2", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on the device of {full}/") and "rerunning" in line
+    assert not [f for f in os.listdir(full) if ".tmp-" in f] and not (full / "manifest.json").exists()
+  finally:
+    subprocess.run(["umount", str(full)], check=False)

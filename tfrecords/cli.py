@@ -16,6 +16,7 @@ on stderr that names the flag or path and what to do, and exit status 1;
 by `--help` (absl shows only a main module's own flags there otherwise).
 """
 
+import errno
 import sys
 from typing import Callable
 
@@ -31,6 +32,11 @@ class UserError(ValueError):
 
 # Errors that are the user's to fix. A missing or unreadable file names its path.
 USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Python's OSError and TensorFlow's ResourceExhaustedError alike."""
+  return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def define_common_flags():
@@ -55,10 +61,12 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | No
   def guarded_main(argv):
     try:
       return main(argv)
-    except USER_ERRORS as e:
-      if FLAGS.traceback:
+    except Exception as e:  # pylint: disable=broad-except
+      if FLAGS.traceback or not (isinstance(e, USER_ERRORS) or is_disk_full(e)):
         raise
-      message = str(e) or type(e).__name__
+      message = str(e).strip() or type(e).__name__
+      if is_disk_full(e) and not isinstance(e, UserError):
+        message = f"no space left on device ({message.splitlines()[0][:300]}): free some space and rerun"
       print(f"error: {message}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 

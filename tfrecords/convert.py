@@ -10,6 +10,7 @@ A folder without `manifest.json` is an unfinished conversion: rerunning the
 same command finishes it, skipping the shards already in place.
 """
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -93,7 +94,7 @@ def write_shard(task: ShardTask) -> dict:
   final = fileio.join(task.output_dir, task.name)
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
   skipped = []
-  with fileio.local_copy_then_upload(final) as tmp:
+  with fileio.local_copy_then_upload(final) as tmp, _full_disk_named(final):
     with tf.io.TFRecordWriter(tmp) as writer:
       for row, ref in task.rows:
         try:
@@ -111,6 +112,19 @@ def write_shard(task: ShardTask) -> dict:
     sha256 = fileio.sha256_of(tmp)
   return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
           "sha256": sha256, "skipped": skipped}
+
+
+@contextlib.contextmanager
+def _full_disk_named(path: str):
+  """A full disk as a ConversionError that names the shard (TensorFlow's and Python's errors
+  differ, and TensorFlow's do not survive the trip back from a worker process)."""
+  try:
+    yield
+  except (tf.errors.ResourceExhaustedError, OSError) as e:
+    if not cli.is_disk_full(e):
+      raise
+    raise ConversionError(f"no space left on the device of {path}: free some space, or give another "
+                          "--output_dir (rerunning the same command resumes)") from None
 
 
 def stats_of_existing_shard(path: str) -> dict:
@@ -178,7 +192,10 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   """Runs (or finishes) a conversion and returns its manifest."""
   split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
                                     settings.seed)
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
   fileio.makedirs(output_dir)
+  fileio.check_writable(output_dir, "--output_dir")
   if _prepare_output(output_dir, settings, overwrite):
     logging.info("%s already holds this conversion (manifest.json present): nothing to do", output_dir)
     return manifest_lib.read(output_dir)

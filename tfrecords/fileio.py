@@ -1,4 +1,7 @@
-"""File writes that work the same on local disk, gs:// and ram://.
+"""The project's storage layer: file writes that work the same on local disk, gs:// and ram://.
+
+Both packages use it (the converter and the job alike), which is why it lives in
+tfrecords/, the bottom layer.
 
 Libraries such as h5py and the csv module write local files only, and a
 reader must never see a half-written file. Everything that writes an artifact
@@ -15,6 +18,8 @@ import tempfile
 import uuid
 
 import tensorflow as tf
+
+from tfrecords import cli
 
 
 _UMASK = os.umask(0)
@@ -107,6 +112,16 @@ def copy_to_local(path: str, directory: str | None = None) -> str:
   local = os.path.join(directory, f"{uuid.uuid4().hex}-{os.path.basename(path)}")
   tf.io.gfile.copy(path, local, overwrite=True)
   return local
+
+
+def check_writable(folder: str, flag: str):
+  """Stops at once, naming the flag, where `folder` cannot be written to."""
+  probe = join(folder, ".write_probe")
+  try:
+    write_atomic(probe, "ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise cli.UserError(f"{flag}={folder} is not writable: {str(e).splitlines()[0][:200]}") from e
 
 
 def remove_if_exists(path: str):

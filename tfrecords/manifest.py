@@ -8,6 +8,7 @@ it; the training job, the evaluation and the benchmarks read it through here,
 and take the classes from it rather than from a constant.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 
@@ -59,6 +60,28 @@ def class_names(manifest: dict) -> tuple[str, ...]:
 def label_map(names) -> dict[str, int]:
   """`label_map.json`'s content: keys in index order, so `list(label_map)[i]` is class i."""
   return {name: index for index, name in enumerate(names)}
+
+
+def check_shards(data_dir: str, manifest: dict, splits, checksums: bool = True, workers: int = 8):
+  """Stops, naming every file, where a shard the manifest lists is missing or (checksums) its
+  sha256 differs from the one the converter recorded: cut short or with a byte changed.
+  Shards are read in parallel; a manifest without a checksum for a shard skips it."""
+  shards = [(fileio.join(data_dir, s["name"]), s.get("sha256")) for split in splits
+            for s in manifest["splits"][split]["shards"]]
+
+  def problem(shard):
+    path, expected = shard
+    if not tf.io.gfile.exists(path):
+      return f"{path} is missing"
+    if checksums and expected and fileio.sha256_of(path) != expected:
+      return f"{path} is damaged (its sha256 differs from {MANIFEST_FILE}'s)"
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(shards)))) as pool:
+    problems = [p for p in pool.map(problem, shards) if p]
+  if problems:
+    raise cli.UserError(f"--data_dir={data_dir}: {'; '.join(problems)}. Convert again (with --overwrite)"
+                        " or restore the files")
 
 
 def split_info(data_dir: str, manifest: dict, split: str) -> SplitInfo:

@@ -135,6 +135,13 @@ def read_metadata(path: str) -> pd.DataFrame:
     row = metadata.index[unknown][0]
     raise SourceError(f"{path} row {row + 2}: unknown dx {metadata.at[row, 'dx']!r}; "
                       f"expected one of {', '.join(features.CLASS_NAMES)}")
+  diagnoses = metadata.groupby("lesion_id")["dx"].nunique()
+  if (diagnoses > 1).any():
+    lesion = diagnoses.index[diagnoses > 1][0]
+    rows = metadata.index[metadata["lesion_id"] == lesion]
+    found = ", ".join(f"row {row + 2}: {metadata.at[row, 'dx']}" for row in rows)
+    raise SourceError(f"{path}: lesion {lesion} has two diagnoses ({found}); a lesion has one "
+                      f"diagnosis: correct its rows ({int((diagnoses > 1).sum())} such lesions in all)")
   metadata["age"] = pd.to_numeric(metadata["age"], errors="coerce")
   for column in ("sex", "localization", "dx_type"):
     metadata[column] = metadata[column].fillna("").astype(str)
