@@ -22,15 +22,17 @@ from absl import flags, logging
 from job import artifacts, calibration, model as model_lib
 from tfrecords import cli, features, fileio
 
-JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
+# What the decoder takes (tf.io.decode_jpeg reads PNG, GIF and BMP too), in a folder as named.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-  """Files, folders (their JPEGs) and globs, local or gs://, in a stable order."""
+  """Files, folders (their images) and globs, local or gs://, in a stable order."""
   out = []
   for path in paths:
     if tf.io.gfile.isdir(path):
-      out += sorted(fileio.join(path, n) for n in tf.io.gfile.listdir(path) if n.endswith(JPEG_SUFFIXES))
+      out += sorted(fileio.join(path, n) for n in tf.io.gfile.listdir(path)
+                    if n.lower().endswith(IMAGE_SUFFIXES))
     elif any(c in path for c in "*?["):
       out += sorted(tf.io.gfile.glob(path))
     elif tf.io.gfile.exists(path):
@@ -58,18 +60,27 @@ def load_for_inference(model_dir: str) -> InferenceModel:
 
 
 def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool = True,
-                  batch_size: int = 32) -> pd.DataFrame:
-  """Label, probability and top 3 per image, plus every class probability."""
-  def load(path):
-    return features.decode_and_resize(tf.io.read_file(path), inference.image_size)
+                  batch_size: int = 32) -> tuple[pd.DataFrame, list[str]]:
+  """Label, probability and top 3 per readable image, plus every class probability; and the
+  paths that could not be read or decoded as an image (the others are predicted all the same)."""
+  def load(index, path):
+    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size)
 
-  dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-  probabilities = []
-  for images in dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+  dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+  # A file that is not an image fails alone: its index is missing from what comes out.
+  dataset = dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  read, probabilities = [], []
+  for indices, images in dataset:
+    read.extend(indices.numpy().tolist())
     probabilities.append(inference.model.predict_on_batch(model_lib.preprocess(images)))
-  probabilities = calibration.apply_temperature(np.concatenate(probabilities).astype(np.float64),
-                                                inference.temperature if calibrated else 1.0)
+  seen = set(read)
+  unreadable = [path for index, path in enumerate(paths) if index not in seen]
+  paths = [paths[index] for index in read]
   names = np.asarray(inference.class_names)
+  probabilities = calibration.apply_temperature(
+      np.concatenate(probabilities).astype(np.float64) if probabilities else np.zeros((0, len(names))),
+      inference.temperature if calibrated else 1.0)
   order = np.argsort(-probabilities, axis=1)
   table = pd.DataFrame({"path": paths, "label": names[order[:, 0]],
                         "probability": probabilities[np.arange(len(paths)), order[:, 0]],
@@ -77,7 +88,7 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
                                  for o, p in zip(order, probabilities)]})
   for index, name in enumerate(names):
     table[f"p_{name}"] = probabilities[:, index]
-  return table
+  return table, unreadable
 
 
 def export_serving(inference: InferenceModel, export_dir: str):
@@ -123,13 +134,16 @@ def main(argv):
     if not FLAGS.export_dir:
       raise cli.UserError("give JPEG files, folders or globs to predict (or --export_dir)")
     return
-  table = predict_files(inference, paths, calibrated=not FLAGS.raw)
+  table, unreadable = predict_files(inference, paths, calibrated=not FLAGS.raw)
   if FLAGS.output:
     out = io.StringIO()
     table.to_csv(out, index=False)
     fileio.write_atomic(FLAGS.output, out.getvalue())
   for row in table.itertuples():
     print(f"{os.path.basename(row.path)}\t{row.label}\t{row.probability:.3f}\t{row.top3}")
+  if unreadable:
+    raise cli.UserError(f"{len(unreadable)} of {len(paths)} files could not be read as images: "
+                        f"{', '.join(unreadable)} (the others were predicted)")
 
 
 if __name__ == "__main__":

@@ -299,3 +299,22 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_half_written_shard(synthetic
     assert not [f for f in os.listdir(full) if ".tmp-" in f] and not (full / "manifest.json").exists()
   finally:
     subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_png_kept_at_its_size_is_stored_as_jpeg(small_copy, tmp_path):
+  table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  victim = table["image_id"][2]
+  path = small_copy / "HAM10000_images_part_1" / f"{victim}.jpg"
+  pixels = tf.io.decode_jpeg(path.read_bytes())
+  path.write_bytes(tf.io.encode_png(pixels).numpy())  # PNG bytes under a .jpg name
+  out = tmp_path / "kept"
+  manifest = convert.convert(sources.open_source(str(small_copy)), str(out),
+                             convert.Settings(source=str(small_copy), num_train_shards=2, num_eval_shards=1))
+  assert manifest["num_examples"] == len(table)
+  stored = {e["image/source_id"].numpy().decode(): e["image/encoded"].numpy()
+            for e in read_shards(str(out / "*.tfrecord"))}
+  assert stored[victim].startswith(convert.JPEG_MAGIC)
+  assert np.abs(tf.io.decode_jpeg(stored[victim]).numpy().astype(int) - pixels.numpy()).mean() < 3
+  untouched = table["image_id"][3]
+  assert stored[untouched] == (small_copy / "HAM10000_images_part_1" / f"{untouched}.jpg").read_bytes() or \
+      stored[untouched] == (small_copy / "HAM10000_images_part_2" / f"{untouched}.jpg").read_bytes()

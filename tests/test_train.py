@@ -201,6 +201,32 @@ def test_predict_cli_on_a_file_and_a_folder(trained_run, synthetic_dir, tmp_path
   assert table["top3"].str.split().str.len().eq(3).all()
 
 
+def test_predict_names_unreadable_files_and_predicts_the_rest(trained_run, synthetic_dir, tmp_path):
+  _, run_dir = trained_run
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  source = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
+  os.link(source, folder / "good.jpg")
+  image = tf.io.decode_jpeg(open(source, "rb").read())
+  (folder / "as_png.PNG").write_bytes(tf.io.encode_png(image).numpy())
+  (folder / "notes.jpg").write_text("not an image")
+  pngs = tmp_path / "pngs"
+  pngs.mkdir()
+  (pngs / "only.png").write_bytes(tf.io.encode_png(image).numpy())
+  result = run_module("job.predict", f"--model_dir={run_dir}", f"--output={tmp_path / 'p.csv'}",
+                      str(folder), str(pngs), check=False)
+  assert result.returncode == 1
+  printed = sorted(line.split("\t")[0] for line in result.stdout.strip().splitlines())
+  assert printed == ["as_png.PNG", "good.jpg", "only.png"]  # a folder of PNGs is not empty
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: 1 of 4 files could not be read as images: {folder / 'notes.jpg'} (the others were predicted)")
+  table = pd.read_csv(tmp_path / "p.csv")
+  assert len(table) == 3
+  same = table.set_index(table["path"].map(os.path.basename))
+  assert np.allclose(same.loc["good.jpg", [f"p_{c}" for c in features.CLASS_NAMES]].astype(float),
+                     same.loc["as_png.PNG", [f"p_{c}" for c in features.CLASS_NAMES]].astype(float), atol=1e-3)
+
+
 def test_serving_export_round_trip(trained_run, synthetic_dir, tmp_path):
   _, run_dir = trained_run
   inference = predict.load_for_inference(run_dir)
@@ -210,7 +236,7 @@ def test_serving_export_round_trip(trained_run, synthetic_dir, tmp_path):
   serving = tf.saved_model.load(export_dir).signatures["serving_default"]
   assert list(serving.structured_input_signature[1]) == ["image_bytes"]
   out = serving(image_bytes=tf.constant([open(image, "rb").read()] * 2))
-  expected = predict.predict_files(inference, [image])
+  expected, _ = predict.predict_files(inference, [image])
   probabilities = out["probabilities"].numpy()
   assert probabilities.shape == (2, 7)
   assert np.allclose(probabilities[0], expected[[f"p_{c}" for c in features.CLASS_NAMES]].iloc[0], atol=1e-4)

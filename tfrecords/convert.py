@@ -23,6 +23,7 @@ from absl import flags, logging
 
 from tfrecords import cli, features, fileio, manifest as manifest_lib, sources, split as split_lib
 
+JPEG_MAGIC = b"\xff\xd8\xff"
 PLAN_FILE = "plan.json"
 SPLIT_FILE = "split.csv"
 
@@ -80,9 +81,13 @@ class ShardTask:
 
 
 def _encode_image(jpeg: bytes, image_size: int, quality: int):
-  """Decodes (so a corrupt JPEG fails here) and optionally resizes as the seed does."""
+  """Decodes (so a corrupt image fails here) and optionally resizes as the seed does. The
+  shards hold JPEG (`image/format` says so, and TFDS relies on it): another format kept at
+  its size (a PNG named .jpg) is re-encoded."""
   if not image_size:
     image = tf.io.decode_jpeg(jpeg, channels=3)
+    if not jpeg.startswith(JPEG_MAGIC):
+      jpeg = tf.io.encode_jpeg(image, quality=quality).numpy()
   else:
     image = features.decode_and_resize(jpeg, image_size)
     jpeg = tf.io.encode_jpeg(image, quality=quality).numpy()
