@@ -318,3 +318,40 @@ def test_a_png_kept_at_its_size_is_stored_as_jpeg(small_copy, tmp_path):
   untouched = table["image_id"][3]
   assert stored[untouched] == (small_copy / "HAM10000_images_part_1" / f"{untouched}.jpg").read_bytes() or \
       stored[untouched] == (small_copy / "HAM10000_images_part_2" / f"{untouched}.jpg").read_bytes()
+
+
+def test_a_changed_source_is_never_resumed_nor_called_done(small_copy, tmp_path):
+  out = tmp_path / "out"
+  args = [f"--source={small_copy}", f"--output_dir={out}", "--num_train_shards=4", "--num_eval_shards=2",
+          "--workers=1"]
+  run_module("tfrecords.convert", *args)
+  table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  table.drop(index=5).to_csv(small_copy / "HAM10000_metadata.csv", index=False)  # the user removes a row
+  result = run_module("tfrecords.convert", *args, check=False)
+  line = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "the source changed since this conversion finished" in line
+  assert f"metadata rows {len(table)} → {len(table) - 1}" in line and "--overwrite" in line
+  # Killed mid-way (no manifest, a shard gone), then an image edited: not resumed either.
+  os.remove(out / "manifest.json")
+  os.remove(out / "train-00001-of-00004.tfrecord")
+  table.to_csv(small_copy / "HAM10000_metadata.csv", index=False)
+  image = small_copy / "HAM10000_images_part_1" / f"{table['image_id'][0]}.jpg"
+  image.write_bytes(image.read_bytes() + b"\0")
+  line = run_module("tfrecords.convert", *args, check=False).stderr.strip().splitlines()[-1]
+  assert "the source changed since this conversion began" in line and "their files differ" in line
+  run_module("tfrecords.convert", *args, "--overwrite")
+  manifest = json.load(open(out / "manifest.json"))
+  assert manifest["num_examples"] == len(table)
+  assert manifest["source_fingerprint"]["images"] == len(table)
+
+
+def test_the_lesion_check_runs_over_the_shards_written():
+  shard = lambda images, lesions: {"image_ids": images, "lesion_ids": lesions}
+  convert.check_written({"train-00000-of-00001.tfrecord": shard(["a", "b"], ["L1", "L1"]),
+                         "test-00000-of-00001.tfrecord": shard(["c"], ["L2"])})
+  with pytest.raises(convert.ConversionError, match="lesion L1 is in the test and train splits"):
+    convert.check_written({"train-00000-of-00001.tfrecord": shard(["a"], ["L1"]),
+                           "test-00000-of-00001.tfrecord": shard(["c"], ["L1"])})
+  with pytest.raises(convert.ConversionError, match="image a is in two shards"):
+    convert.check_written({"train-00000-of-00002.tfrecord": shard(["a"], ["L1"]),
+                           "train-00001-of-00002.tfrecord": shard(["a"], ["L1"])})

@@ -98,7 +98,7 @@ def write_shard(task: ShardTask) -> dict:
   """Writes one shard under a temporary name, then moves it into place; returns its stats."""
   final = fileio.join(task.output_dir, task.name)
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
-  skipped = []
+  skipped, image_ids, lesion_ids = [], [], []
   with fileio.local_copy_then_upload(final) as tmp, _full_disk_named(final):
     with tf.io.TFRecordWriter(tmp) as writer:
       for row, ref in task.rows:
@@ -114,9 +114,11 @@ def write_shard(task: ShardTask) -> dict:
           continue
         writer.write(features.encode_example(jpeg=jpeg, height=height, width=width, row=row))
         class_counts[row["dx"]] += 1
+        image_ids.append(str(row["image_id"]))
+        lesion_ids.append(str(row["lesion_id"]))
     sha256 = fileio.sha256_of(tmp)
   return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
-          "sha256": sha256, "skipped": skipped}
+          "sha256": sha256, "skipped": skipped, "image_ids": image_ids, "lesion_ids": lesion_ids}
 
 
 @contextlib.contextmanager
@@ -135,11 +137,15 @@ def _full_disk_named(path: str):
 def stats_of_existing_shard(path: str) -> dict:
   """Counts of a shard a previous run finished (its name means it was complete)."""
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
+  image_ids, lesion_ids = [], []
   for record in tf.data.TFRecordDataset(path):
-    label = int(features.parse_example(record, [features.LABEL])[features.LABEL])
-    class_counts[features.CLASS_NAMES[label]] += 1
+    example = features.parse_example(record, [features.LABEL, features.SOURCE_ID, features.LESION_ID])
+    class_counts[features.CLASS_NAMES[int(example[features.LABEL])]] += 1
+    image_ids.append(example[features.SOURCE_ID].numpy().decode())
+    lesion_ids.append(example[features.LESION_ID].numpy().decode())
   return {"name": os.path.basename(path), "num_examples": sum(class_counts.values()),
-          "class_counts": class_counts, "sha256": fileio.sha256_of(path), "skipped": []}
+          "class_counts": class_counts, "sha256": fileio.sha256_of(path), "skipped": [],
+          "image_ids": image_ids, "lesion_ids": lesion_ids}
 
 
 def shard_tasks(source: sources.Source, split: pd.Series, settings: Settings, output_dir: str,
@@ -166,17 +172,25 @@ def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) ->
   return plan
 
 
-def _prepare_output(output_dir: str, settings: Settings, overwrite: bool) -> bool:
-  """Checks what the folder holds; returns True when this exact conversion is already finished."""
+def _prepare_output(output_dir: str, settings: Settings, overwrite: bool, source_fingerprint: dict) -> bool:
+  """Checks what the folder holds; returns True when this exact conversion, of this very
+  source, is already finished."""
   plan_path = fileio.join(output_dir, PLAN_FILE)
   ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE, manifest_lib.MANIFEST_FILE]
   existing = tf.io.gfile.listdir(output_dir) if tf.io.gfile.isdir(output_dir) else []
   existing = [name.rstrip("/") for name in existing]
   shard_files = [n for n in existing if n.endswith(".tfrecord")]
   if tf.io.gfile.exists(plan_path):
-    previous = fileio.read_json(plan_path).get("settings")
-    if previous == dataclasses.asdict(settings):
+    plan = fileio.read_json(plan_path)
+    previous = plan.get("settings")
+    changed_source = sources.fingerprint_changes(plan.get("source_fingerprint"), source_fingerprint)
+    if previous == dataclasses.asdict(settings) and not changed_source:
       return manifest_lib.MANIFEST_FILE in existing
+    if previous == dataclasses.asdict(settings) and not overwrite:
+      state = "finished" if manifest_lib.MANIFEST_FILE in existing else "began"
+      raise ConversionError(f"{output_dir}: the source changed since this conversion {state} "
+                            f"({changed_source}); its shards would mix two sources. Pass --overwrite to "
+                            "convert it again, or give another --output_dir")
     if not overwrite:
       changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(settings).items()
                  if previous.get(k) != v}
@@ -201,14 +215,17 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
     raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
   fileio.makedirs(output_dir)
   fileio.check_writable(output_dir, "--output_dir")
-  if _prepare_output(output_dir, settings, overwrite):
-    logging.info("%s already holds this conversion (manifest.json present): nothing to do", output_dir)
+  source_fingerprint = sources.fingerprint(source)
+  if _prepare_output(output_dir, settings, overwrite, source_fingerprint):
+    logging.info("%s already holds this conversion of this source (manifest.json present): nothing to do",
+                 output_dir)
     return manifest_lib.read(output_dir)
 
-  # The plan first: a rerun compares its settings, a reader audits the split.
+  # The plan first: a rerun compares its settings and source, a reader audits the split.
   split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
   fileio.write_json(fileio.join(output_dir, PLAN_FILE),
-                    {"format_version": manifest_lib.FORMAT_VERSION, "settings": dataclasses.asdict(settings)})
+                    {"format_version": manifest_lib.FORMAT_VERSION, "settings": dataclasses.asdict(settings),
+                     "source_fingerprint": source_fingerprint})
   fileio.write_atomic(fileio.join(output_dir, SPLIT_FILE), split_table.to_csv(index=False))
 
   tasks, done = [], {}
@@ -237,7 +254,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
     _remove_temporaries(output_dir)  # other workers' shards in progress, stopped mid-write
     raise
 
-  manifest = _manifest(source, settings, split, done)
+  check_written(done)
+  manifest = _manifest(source, settings, split, done, source_fingerprint)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
   manifest_lib.write(output_dir, manifest)  # last: marks completion
   if total:
@@ -269,7 +287,22 @@ def _run(tasks, workers):
     yield from pool.imap_unordered(write_shard, ordered)
 
 
-def _manifest(source, settings, split, done):
+def check_written(done: dict):
+  """Over the shards as written (resumed ones included), not only the plan: each image once,
+  and no lesion in two splits."""
+  split_of_lesion, seen = {}, set()
+  for name, stats in sorted(done.items()):
+    split = name.split("-", 1)[0]
+    for image_id, lesion_id in zip(stats["image_ids"], stats["lesion_ids"]):
+      if image_id in seen:
+        raise ConversionError(f"image {image_id} is in two shards ({name} among them)")
+      seen.add(image_id)
+      if split_of_lesion.setdefault(lesion_id, split) != split:
+        raise ConversionError(f"lesion {lesion_id} is in the {split_of_lesion[lesion_id]} and {split} "
+                              f"splits ({name} among its shards)")
+
+
+def _manifest(source, settings, split, done, source_fingerprint):
   splits = {}
   for name in features.SPLITS:
     shards = sorted((s for s in done.values() if s["name"].startswith(name + "-")), key=lambda s: s["name"])
@@ -285,6 +318,7 @@ def _manifest(source, settings, split, done):
       "source": source.description,
       "source_version": settings.kaggle_version if settings.source == "kaggle" else None,
       "metadata_file": source.metadata_path,
+      "source_fingerprint": source_fingerprint,
       "settings": dataclasses.asdict(settings),
       "image_size": settings.image_size,
       "label_map": features.LABEL_MAP,

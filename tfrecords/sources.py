@@ -5,8 +5,10 @@ each `image_id`'s JPEG lives. Images are keyed by `image_id` because the Kaggle
 copy holds every image twice (`HAM10000_images_part_1/` and a lowercase twin).
 """
 
+import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import posixpath
@@ -44,6 +46,41 @@ class Source:
   metadata: pd.DataFrame  # REQUIRED_COLUMNS, one row per image_id, in CSV order
   images: dict[str, ImageRef]  # image_id -> where its JPEG is
   metadata_path: str
+
+
+def _image_size(ref: ImageRef) -> int:
+  if ref.member is not None:  # from the archive's central directory: nothing is decompressed
+    return _open_zip(ref.path).getinfo(ref.member).file_size
+  if "://" not in ref.path:
+    return os.path.getsize(ref.path)
+  return tf.io.gfile.stat(ref.path).length
+
+
+def fingerprint(source: "Source") -> dict:
+  """What the source holds, cheap to take: its metadata rows and its images with their sizes.
+  A conversion records it, and will not resume, or call itself done, over a changed source."""
+  ids = sorted(source.images)
+  remote = any("://" in source.images[i].path and source.images[i].member is None for i in ids)
+  with concurrent.futures.ThreadPoolExecutor(32 if remote else 1) as pool:  # one request a file remotely
+    sizes = list(pool.map(lambda i: _image_size(source.images[i]), ids))
+  listing = "\n".join(f"{i} {size}" for i, size in zip(ids, sizes))
+  return {"rows": int(len(source.metadata)), "images": len(ids),
+          "metadata_sha256": hashlib.sha256(source.metadata.to_csv(index=False).encode()).hexdigest(),
+          "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def fingerprint_changes(recorded: dict | None, current: dict) -> str:
+  """What changed between two fingerprints, in words ('' when nothing did)."""
+  if recorded is None:
+    return "it records no source fingerprint (written by an older version)"
+  changes = []
+  if recorded["metadata_sha256"] != current["metadata_sha256"]:
+    changes.append(f"metadata rows {recorded['rows']} → {current['rows']}"
+                   + ("" if recorded["rows"] != current["rows"] else ", their content differs"))
+  if recorded["images_sha256"] != current["images_sha256"]:
+    changes.append(f"images {recorded['images']} → {current['images']}"
+                   + ("" if recorded["images"] != current["images"] else ", their files differ"))
+  return "; ".join(changes)
 
 
 @functools.lru_cache(maxsize=8)
