@@ -355,3 +355,28 @@ def test_the_lesion_check_runs_over_the_shards_written():
   with pytest.raises(convert.ConversionError, match="image a is in two shards"):
     convert.check_written({"train-00000-of-00002.tfrecord": shard(["a"], ["L1"]),
                            "train-00001-of-00002.tfrecord": shard(["a"], ["L1"])})
+
+
+def test_overwrite_keeps_the_old_conversion_until_the_new_one_is_finished(small_copy, tmp_path):
+  out = tmp_path / "out"
+  args = [f"--source={small_copy}", f"--output_dir={out}", "--num_eval_shards=1", "--workers=1"]
+  run_module("tfrecords.convert", *args, "--num_train_shards=2")
+  old_manifest = (out / "manifest.json").read_bytes()
+  victim = small_copy / "HAM10000_images_part_2" / sorted(os.listdir(small_copy / "HAM10000_images_part_2"))[0]
+  good = victim.read_bytes()
+  victim.write_bytes(b"\0" * len(good))  # not an image (the same size): the new conversion fails on it
+  new = [*args, "--num_train_shards=3", "--overwrite"]
+  result = run_module("tfrecords.convert", *new, check=False)
+  assert result.returncode == 1 and "cannot be decoded" in result.stderr
+  assert (out / "manifest.json").read_bytes() == old_manifest  # the old conversion, whole
+  assert sorted(f for f in os.listdir(out) if f.startswith("train-")) == [
+      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+  victim.write_bytes(good)
+  result = run_module("tfrecords.convert", *new)
+  assert "resuming:" in result.stderr  # the staged shards written before the failure are kept
+  manifest = json.load(open(out / "manifest.json"))
+  assert manifest["settings"]["num_train_shards"] == 3
+  assert sorted(f for f in os.listdir(out) if f.startswith("train-")) == [
+      f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+  assert [f for f in os.listdir(tmp_path) if ".overwrite-" in f] == []
+  assert sum(len(read_shards(str(out / f"{s}-*.tfrecord"))) for s in features.SPLITS) == manifest["num_examples"]

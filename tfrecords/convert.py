@@ -12,6 +12,8 @@ same command finishes it, skipping the shards already in place.
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import time
@@ -172,38 +174,63 @@ def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) ->
   return plan
 
 
-def _prepare_output(output_dir: str, settings: Settings, overwrite: bool, source_fingerprint: dict) -> bool:
-  """Checks what the folder holds; returns True when this exact conversion, of this very
-  source, is already finished."""
+def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source_fingerprint: dict) -> str:
+  """What the folder holds, for this conversion: "empty", "unfinished" (this conversion, to
+  resume), "finished" (this conversion of this very source), or "other" (to replace, which
+  needs --overwrite)."""
   plan_path = fileio.join(output_dir, PLAN_FILE)
-  ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE, manifest_lib.MANIFEST_FILE]
-  existing = tf.io.gfile.listdir(output_dir) if tf.io.gfile.isdir(output_dir) else []
-  existing = [name.rstrip("/") for name in existing]
+  existing = [name.rstrip("/") for name in tf.io.gfile.listdir(output_dir)]
   shard_files = [n for n in existing if n.endswith(".tfrecord")]
   if tf.io.gfile.exists(plan_path):
     plan = fileio.read_json(plan_path)
     previous = plan.get("settings")
     changed_source = sources.fingerprint_changes(plan.get("source_fingerprint"), source_fingerprint)
     if previous == dataclasses.asdict(settings) and not changed_source:
-      return manifest_lib.MANIFEST_FILE in existing
-    if previous == dataclasses.asdict(settings) and not overwrite:
+      return "finished" if manifest_lib.MANIFEST_FILE in existing else "unfinished"
+    if overwrite:
+      return "other"
+    if previous == dataclasses.asdict(settings):
       state = "finished" if manifest_lib.MANIFEST_FILE in existing else "began"
       raise ConversionError(f"{output_dir}: the source changed since this conversion {state} "
                             f"({changed_source}); its shards would mix two sources. Pass --overwrite to "
                             "convert it again, or give another --output_dir")
-    if not overwrite:
-      changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(settings).items()
-                 if previous.get(k) != v}
-      raise ConversionError(f"{output_dir} holds another conversion (settings differ: {changed}); "
-                            "choose another --output_dir or pass --overwrite")
-  elif (shard_files or manifest_lib.MANIFEST_FILE in existing) and not overwrite:
+    changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(settings).items()
+               if previous.get(k) != v}
+    raise ConversionError(f"{output_dir} holds another conversion (settings differ: {changed}); "
+                          "choose another --output_dir or pass --overwrite")
+  if shard_files or manifest_lib.MANIFEST_FILE in existing:
+    if overwrite:
+      return "other"
     raise ConversionError(f"{output_dir} already holds TFRecords not written by this settings plan; "
                           "choose another --output_dir or pass --overwrite")
-  if overwrite:
-    for name in existing:
-      if name in ours or name.endswith(".tfrecord"):
-        fileio.remove_if_exists(fileio.join(output_dir, name))
-  return False
+  return "empty"
+
+
+def staging_dir(output_dir: str, settings: Settings) -> str:
+  """Where --overwrite writes the new conversion until it is finished: beside the old one, named
+  by its settings, so that a rerun of the same command resumes it."""
+  key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+  return f"{output_dir.rstrip('/')}.overwrite-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _replace(output_dir: str, staging: str):
+  """Puts the finished conversion in `staging` in place of the old one in `output_dir`.
+
+  The old manifest goes first, so the folder reads as unfinished from then on; the new plan
+  comes in before its shards (a rerun interrupted here resumes in place), the new manifest
+  last. On gs://, where a folder cannot be swapped at once, manifest.json is the commit point."""
+  ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE]
+  fileio.remove_if_exists(fileio.join(output_dir, manifest_lib.MANIFEST_FILE))
+  for name in tf.io.gfile.listdir(output_dir):
+    name = name.rstrip("/")
+    if name in ours or name.endswith(".tfrecord"):
+      fileio.remove_if_exists(fileio.join(output_dir, name))
+  new = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(staging))
+  order = ([n for n in new if n == PLAN_FILE] + [n for n in new if n not in (PLAN_FILE, manifest_lib.MANIFEST_FILE)]
+           + [manifest_lib.MANIFEST_FILE])
+  for name in order:
+    tf.io.gfile.rename(fileio.join(staging, name), fileio.join(output_dir, name), overwrite=True)
+  fileio.remove_if_exists(staging)
 
 
 def convert(source: sources.Source, output_dir: str, settings: Settings, workers: int = 1,
@@ -216,10 +243,20 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   fileio.makedirs(output_dir)
   fileio.check_writable(output_dir, "--output_dir")
   source_fingerprint = sources.fingerprint(source)
-  if _prepare_output(output_dir, settings, overwrite, source_fingerprint):
+  state = _existing_state(output_dir, settings, overwrite, source_fingerprint)
+  if state == "finished":
     logging.info("%s already holds this conversion of this source (manifest.json present): nothing to do",
                  output_dir)
     return manifest_lib.read(output_dir)
+  if state == "other":  # --overwrite: the old conversion stays whole until the new one is done
+    staging = staging_dir(output_dir, settings)
+    if (tf.io.gfile.exists(fileio.join(staging, PLAN_FILE)) and sources.fingerprint_changes(
+        fileio.read_json(fileio.join(staging, PLAN_FILE)).get("source_fingerprint"), source_fingerprint)):
+      fileio.remove_if_exists(staging)  # our own scratch, of a source that has changed since
+    logging.info("--overwrite: converting into %s, then replacing %s", staging, output_dir)
+    manifest = convert(source, staging, settings, workers, skip_bad_images)
+    _replace(output_dir, staging)
+    return manifest
 
   # The plan first: a rerun compares its settings and source, a reader audits the split.
   split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
@@ -258,6 +295,7 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   manifest = _manifest(source, settings, split, done, source_fingerprint)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
   manifest_lib.write(output_dir, manifest)  # last: marks completion
+  fileio.remove_if_exists(staging_dir(output_dir, settings))  # left by an interrupted swap
   if total:
     elapsed = time.perf_counter() - start
     logging.info("converted %d images in %.1f s (%.1f images/s, %d workers)", total, elapsed,
