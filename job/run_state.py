@@ -1,4 +1,4 @@
-"""Which run a --model_dir holds: the fingerprint of the settings that shaped it.
+"""Which run a --model_dir holds (its fingerprint), and which job holds it now (its lease).
 
 A model_dir holds one run. Each stage's marker, the backups and the best
 model's record carry the fingerprint of the settings that shaped that stage and
@@ -7,7 +7,23 @@ model or writes anything, and names each differing setting; `--overwrite`
 clears that other run's state instead. The same command resumes; settings that
 do not change what is learned (epoch counts, patience, strategy, precision,
 XLA, cache, steps per execution, backups, export) may change between restarts.
+
+Two jobs at once into one model_dir would mix their artifacts, so the chief
+holds a lease on it while it runs (`Lease`): `.lease.json`, created only if
+absent (locally an exclusive create; on gs:// an object created with a
+generation precondition, through the GCS client, which TensorFlow's filesystem
+cannot do; elsewhere, such as ram://, a plain write: best effort, and logged as
+such). A heartbeat renews it; a lease past its expiry (a killed job) is taken
+over, and the same Vertex AI job restarting (same CLOUD_ML_JOB_ID and
+fingerprint) takes its own lease over at once. Non-chief workers take none.
 """
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
 
 import tensorflow as tf
 from absl import logging
@@ -81,3 +97,181 @@ def clear(cfg: config_lib.TrainConfig):
                fileio.join(cfg.checkpoint_root, artifacts.BACKUP_DIR), cfg.logs_dir,
                *(artifacts.path(cfg.model_dir, name) for name in artifacts.RUN_FILES)):
     fileio.remove_if_exists(path)
+
+
+LEASE_FILE = ".lease.json"
+LEASE_SECONDS = 300.0  # a job silent this long (killed) no longer holds the model_dir
+
+
+class _LocalStore:
+  """The lease file on local disk: exclusive create, atomic replace."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def create(self, text) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+
+  def read(self):
+    try:
+      with open(self.path) as f:
+        return f.read(), os.stat(self.path).st_mtime_ns
+    except FileNotFoundError:
+      return None, None
+
+  def replace(self, text, token) -> bool:
+    if self.read()[1] != token:
+      return False
+    tmp = f"{self.path}.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, self.path)
+    return True
+
+  def delete(self, token):
+    if self.read()[1] == token:
+      os.remove(self.path)
+
+
+class _GcsStore:
+  """The lease as a gs:// object, created and replaced with generation preconditions."""
+
+  def __init__(self, path):
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.cloud import storage  # pylint: disable=g-import-not-at-top
+    bucket, _, name = path[len("gs://"):].partition("/")
+    self.blob = storage.Client().bucket(bucket).blob(name)
+    self.conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
+
+  def create(self, text) -> bool:
+    try:
+      self.blob.upload_from_string(text, if_generation_match=0)
+      return True
+    except self.conflict:
+      return False
+
+  def read(self):
+    try:
+      self.blob.reload()
+      return self.blob.download_as_text(if_generation_match=self.blob.generation), self.blob.generation
+    except self.conflict:
+      return None, None
+
+  def replace(self, text, token) -> bool:
+    try:
+      self.blob.upload_from_string(text, if_generation_match=token)
+      return True
+    except self.conflict:
+      return False
+
+  def delete(self, token):
+    try:
+      self.blob.delete(if_generation_match=token)
+    except self.conflict:
+      pass
+
+
+class _BestEffortStore(_LocalStore):
+  """Filesystems without an exclusive create (ram://, …): check, then write."""
+
+  def create(self, text) -> bool:
+    if tf.io.gfile.exists(self.path):
+      return False
+    fileio.write_atomic(self.path, text)
+    return True
+
+  def read(self):
+    if not tf.io.gfile.exists(self.path):
+      return None, None
+    with tf.io.gfile.GFile(self.path) as f:
+      text = f.read()
+    return text, text
+
+  def replace(self, text, token) -> bool:
+    if self.read()[1] != token:
+      return False
+    fileio.write_atomic(self.path, text)
+    return True
+
+  def delete(self, token):
+    if self.read()[1] == token:
+      tf.io.gfile.remove(self.path)
+
+
+def _store(path: str):
+  if fileio.is_local(path):
+    return _LocalStore(path)
+  if path.startswith("gs://"):
+    return _GcsStore(path)
+  logging.info("%s: this filesystem has no exclusive create; the model_dir's lease is best effort", path)
+  return _BestEffortStore(path)
+
+
+class ModelDirInUse(cli.UserError):
+  """Another job holds the model_dir."""
+
+
+class Lease:
+  """The chief's hold on a model_dir while it runs; see the module docstring."""
+
+  def __init__(self, model_dir: str, fingerprint: dict, seconds: float = LEASE_SECONDS):
+    self.model_dir, self.seconds = model_dir, seconds
+    self.path = fileio.join(model_dir, LEASE_FILE)
+    self.job_id = os.environ.get("CLOUD_ML_JOB_ID")
+    self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+    self.holder = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+    self._token, self._stop = None, threading.Event()
+    self._store = self._thread = None
+
+  def _record(self) -> str:
+    return json.dumps({"holder": self.holder, "job_id": self.job_id, "fingerprint": self.fingerprint,
+                       "expires": time.time() + self.seconds})
+
+  def acquire(self) -> "Lease":
+    fileio.makedirs(self.model_dir)
+    self._store = _store(self.path)
+    if not self._store.create(self._record()):
+      text, token = self._store.read()
+      current = json.loads(text) if text else {}
+      same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
+          current.get("fingerprint") == self.fingerprint)
+      if text is None:  # released in the meantime
+        taken = self._store.create(self._record())
+      else:
+        taken = (same_job or current.get("expires", 0) < time.time()) and self._store.replace(
+            self._record(), token)
+      if not taken:
+        until = time.strftime("%H:%M:%S", time.localtime(current.get("expires", 0)))
+        raise ModelDirInUse(f"--model_dir={self.model_dir} is in use by another job ({current.get('holder')}"
+                            f"{', Vertex AI job ' + current['job_id'] if current.get('job_id') else ''}; "
+                            f"its lease runs to {until} unless renewed). Wait for it to end, or give "
+                            "another --model_dir")
+      logging.info("took over the lease on %s from %s (%s)", self.model_dir, current.get("holder"),
+                   "the same Vertex AI job, restarted" if same_job else "it had expired")
+    self._token = self._store.read()[1]
+    self._thread = threading.Thread(target=self._heartbeat, name="model-dir-lease", daemon=True)
+    self._thread.start()
+    return self
+
+  def _heartbeat(self):
+    while not self._stop.wait(self.seconds / 5):
+      if self._store.replace(self._record(), self._token):
+        self._token = self._store.read()[1]
+      else:
+        logging.error("the lease on %s was taken by another job: this job no longer holds the model_dir",
+                      self.model_dir)
+        return
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+    if self._token is not None:
+      self._store.delete(self._token)
+      self._token = None

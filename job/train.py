@@ -223,15 +223,13 @@ def epoch_steps(num_train: int, global_batch_size: int, steps_per_execution: int
   return rounded, per_execution
 
 
-def preflight(cfg: config_lib.TrainConfig, chief: bool) -> dict:
+def preflight(cfg: config_lib.TrainConfig) -> dict:
   """Fails in seconds, not after an hour of training, when data or model_dir is unusable."""
   manifest = manifest_lib.read(cfg.data_dir)
   splits = ("train", "validation") + (("test",) if cfg.evaluate else ())
   for split in splits:
     manifest_lib.split_info(cfg.data_dir, manifest, split)  # names a missing split
   manifest_lib.check_shards(cfg.data_dir, manifest, splits, checksums=cfg.verify_shards)
-  if chief:
-    fileio.check_writable(cfg.model_dir, "--model_dir")
   return manifest
 
 
@@ -250,11 +248,26 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   xla = performance.use_xla(cfg.jit_compile, strategy_name, cfg.run_eagerly)
   keras.utils.set_random_seed(cfg.seed)
   chief = distribute_utils.is_chief(strategy)
-  manifest = preflight(cfg, chief)
-  class_names = manifest_lib.class_names(manifest)
+  manifest = preflight(cfg)
   manifest_sha256 = fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE))
-  # Before anything is built or written: does the model_dir hold another run?
-  run_state.check(cfg, manifest_sha256, cfg.overwrite, chief)
+  # Before anything is written or cleared, the chief takes the model_dir for this job...
+  lease = run_state.Lease(cfg.model_dir, run_state.fingerprint(cfg, manifest_sha256, stage=2)).acquire() \
+      if chief else None
+  try:
+    if chief:
+      fileio.check_writable(cfg.model_dir, "--model_dir")
+    # ... and before anything is built: does the model_dir hold another run?
+    run_state.check(cfg, manifest_sha256, cfg.overwrite, chief)
+    return _train(cfg, strategy, policy, xla, chief, manifest, manifest_sha256)
+  finally:
+    if lease:
+      lease.release()
+
+
+def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy: str, xla: bool, chief: bool,
+           manifest: dict, manifest_sha256: str) -> dict:
+  """The run itself, once the model_dir is this job's and this run's."""
+  class_names = manifest_lib.class_names(manifest)
   learning_rates = {stage: optimization.scaled_learning_rate(lr, cfg.global_batch_size, cfg.base_batch_size,
                                                              cfg.lr_scaling)
                     for stage, lr in ((1, cfg.stage1_lr), (2, cfg.stage2_lr))}

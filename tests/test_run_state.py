@@ -3,6 +3,8 @@ that survive a restart, a cache that fits, and epochs of the length asked for.""
 
 import json
 import os
+import re
+import time
 
 import keras
 import numpy as np
@@ -177,3 +179,55 @@ def test_a_nan_loss_stops_the_stage_and_keeps_the_best_model(tmp_path):
     model.fit(x, y, validation_data=(x, y), epochs=2, initial_epoch=1, verbose=0,
               callbacks=[callbacks_lib.StopOnNonFiniteLoss(2, 1e-3), best])
   assert (tmp_path / "best_model.keras").read_bytes() == saved
+
+
+def _kill(lease):
+  """What SIGKILL does to a job: its heartbeat stops, and nothing releases the lease."""
+  lease._stop.set()  # pylint: disable=protected-access
+  lease._thread.join()  # pylint: disable=protected-access
+
+
+def test_one_job_at_a_time_holds_a_model_dir(tmp_path, monkeypatch):
+  monkeypatch.delenv("CLOUD_ML_JOB_ID", raising=False)
+  model_dir, run = str(tmp_path / "run"), {"image_size": 32}
+  first = run_state.Lease(model_dir, run, seconds=60).acquire()
+  with pytest.raises(run_state.ModelDirInUse, match=f"is in use by another job \\({re.escape(first.holder)}"):
+    run_state.Lease(model_dir, run).acquire()
+  first.release()
+  assert not os.path.exists(os.path.join(model_dir, ".lease.json"))
+
+  renewed = run_state.Lease(model_dir, run, seconds=0.5).acquire()  # a heartbeat every 0.1 s
+  time.sleep(1.0)
+  assert json.load(open(os.path.join(model_dir, ".lease.json")))["expires"] > time.time()
+  _kill(renewed)
+  time.sleep(0.6)
+  taken = run_state.Lease(model_dir, run).acquire()  # expired: a killed job's lease is taken over
+  _kill(taken)
+
+  monkeypatch.setenv("CLOUD_ML_JOB_ID", "12345")  # Vertex AI restarting the same job
+  with pytest.raises(run_state.ModelDirInUse):  # another job's live lease, even for the same run
+    run_state.Lease(model_dir, run).acquire()
+  os.remove(os.path.join(model_dir, ".lease.json"))
+  before_restart = run_state.Lease(model_dir, run, seconds=600).acquire()
+  _kill(before_restart)
+  with pytest.raises(run_state.ModelDirInUse):  # the same job with other settings waits
+    run_state.Lease(model_dir, {"image_size": 64}).acquire()
+  monkeypatch.setenv("CLOUD_ML_JOB_ID", "67890")
+  with pytest.raises(run_state.ModelDirInUse, match="Vertex AI job 12345"):
+    run_state.Lease(model_dir, run).acquire()
+  monkeypatch.setenv("CLOUD_ML_JOB_ID", "12345")
+  restarted = run_state.Lease(model_dir, run).acquire()  # at once, without waiting for expiry
+  restarted.release()
+
+
+def test_a_second_job_into_a_held_model_dir_stops_at_once(shards_dir, tmp_path):
+  from helpers import run_module
+  model_dir = tmp_path / "busy"
+  model_dir.mkdir()
+  (model_dir / ".lease.json").write_text(json.dumps(
+      {"holder": "vm-7 pid 42", "job_id": None, "fingerprint": "{}", "expires": time.time() + 600}))
+  result = run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--weights=none",
+                      check=False)
+  assert result.returncode == 1
+  assert "is in use by another job (vm-7 pid 42" in result.stderr.strip().splitlines()[-1]
+  assert sorted(os.listdir(model_dir)) == [".lease.json"]  # nothing written
