@@ -147,19 +147,21 @@ class _GcsStore:
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
     bucket, _, name = path[len("gs://"):].partition("/")
     self.blob = storage.Client().bucket(bucket).blob(name)
+    self.exists = exceptions.PreconditionFailed
     self.conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
 
   def create(self, text) -> bool:
     try:
       self.blob.upload_from_string(text, if_generation_match=0)
       return True
-    except self.conflict:
+    except self.exists:
       return False
 
   def read(self):
     try:
       self.blob.reload()
-      return self.blob.download_as_text(if_generation_match=self.blob.generation), self.blob.generation
+      generation = self.blob.generation  # before the download, which may reset it from headers
+      return self.blob.download_as_text(if_generation_match=generation), generation
     except self.conflict:
       return None, None
 
@@ -234,9 +236,14 @@ class Lease:
                        "expires": time.time() + self.seconds})
 
   def acquire(self) -> "Lease":
-    fileio.makedirs(self.model_dir)
+    if fileio.is_local(self.model_dir):  # object stores need no folder
+      os.makedirs(self.model_dir, exist_ok=True)
     self._store = _store(self.path)
-    if not self._store.create(self._record()):
+    try:
+      created = self._store.create(self._record())
+    except Exception as e:  # pylint: disable=broad-except  (permissions, a missing bucket: any store's)
+      raise cli.UserError(f"--model_dir={self.model_dir} is not writable: {str(e).splitlines()[0][:200]}") from e
+    if not created:
       text, token = self._store.read()
       current = json.loads(text) if text else {}
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (

@@ -12,10 +12,13 @@ way it
   - answers `Expect: 100-continue`, which curl sends before large uploads;
   - turns the emulator's http:// Location headers (resumable uploads) back
     into https://, so the upload's next request comes through the proxy too.
-The emulator runs in the test's process, with one fix: it fails on an empty
-media upload (`makedirs` writes one), reading the missing body as None.
+The emulator runs in the test's process, with two fixes: it fails on an empty
+media upload (`makedirs` writes one), reading the missing body as None; and it
+ignores `ifGenerationMatch` on uploads and deletes, which the model_dir lease
+relies on (412 when the object's generation differs; 0: it must not exist).
 """
 
+import http
 import http.client
 import os
 import socketserver
@@ -24,6 +27,8 @@ import threading
 
 import trustme
 from gcp_storage_emulator import server as emulator_server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects as emulator_objects
 
 from helpers import free_ports
 
@@ -121,6 +126,7 @@ class GcsEmulator:
     self.bucket = bucket
     self.emulator_port, = free_ports(1)
     _accept_empty_media_uploads()
+    _honour_generation_preconditions()
     self._emulator = emulator_server.create_server("127.0.0.1", self.emulator_port, in_memory=True,
                                                    default_bucket=bucket)
     self._emulator.start()
@@ -155,6 +161,46 @@ class GcsEmulator:
     self._proxy.shutdown()
     self._proxy.server_close()
     self._emulator.stop()
+
+
+def _honour_generation_preconditions():
+  if getattr(emulator_objects.insert, "honours_preconditions", False):
+    return
+  insert, delete = emulator_objects.insert, emulator_objects.delete
+
+  def failed(request, response, storage, name) -> bool:
+    expected = request.query.get("ifGenerationMatch")
+    if not expected or name is None:
+      return False
+    try:
+      generation = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+    except NotFound:
+      generation = "0"
+    if generation == expected[0]:
+      return False
+    response.status = http.HTTPStatus.PRECONDITION_FAILED
+    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+    return True
+
+  def checked_insert(request, response, storage, *args, **kwargs):
+    name = request.query["name"][0] if "name" in request.query else None
+    if name is None and request.query.get("uploadType") == ["multipart"]:
+      name = request.data["meta"].get("name")
+    if not failed(request, response, storage, name):
+      insert(request, response, storage, *args, **kwargs)
+
+  def checked_delete(request, response, storage, *args, **kwargs):
+    if not failed(request, response, storage, request.params["object_id"]):
+      delete(request, response, storage, *args, **kwargs)
+
+  checked_insert.honours_preconditions = True
+  emulator_objects.insert = checked_insert  # the router's fallback for uploads looks it up here
+  for _, handlers in emulator_server.HANDLERS:
+    for method, handler in list(handlers.items()):
+      if handler is insert:
+        handlers[method] = checked_insert
+      elif handler is delete:
+        handlers[method] = checked_delete
 
 
 def _accept_empty_media_uploads():

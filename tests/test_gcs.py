@@ -123,3 +123,18 @@ def test_converter_fails_fast_on_a_missing_bucket(raw_on_gcs, gcs):
   result = run_module("tfrecords.convert", f"--source={raw_on_gcs}", "--output_dir=gs://no-such-bucket/shards",
                       "--workers=1", env=gcs.env, check=False, timeout=300)
   assert result.returncode != 0 and "bucket gs://no-such-bucket does not exist" in result.stderr
+
+
+def test_the_model_dir_lease_on_gcs_is_exclusive(bucket, gcs):
+  """Through the GCS client's generation preconditions (the emulator honours them only with
+  tests/gcs_emulator.py's fix: without it a second job would take the lease too)."""
+  from job import run_state
+  model_dir = gcs.url("leased")
+  first = run_state.Lease(model_dir, {"run": 1}, seconds=60).acquire()
+  assert bucket.get_blob("leased/.lease.json") is not None
+  with pytest.raises(run_state.ModelDirInUse, match=f"--model_dir={model_dir} is in use by another job"):
+    run_state.Lease(model_dir, {"run": 1}).acquire()
+  first.release()
+  assert bucket.get_blob("leased/.lease.json") is None
+  second = run_state.Lease(model_dir, {"run": 1}).acquire()
+  second.release()
