@@ -98,3 +98,26 @@ def test_temperature_scaling_lowers_nll_on_an_overconfident_model():
   assert (calibrated.argmax(axis=1) == probabilities.argmax(axis=1)).all()  # argmax unchanged
   assert metrics.expected_calibration_error(labels, calibrated) < metrics.expected_calibration_error(
       labels, probabilities)
+
+
+def test_scikit_learns_brier_and_log_loss_keep_the_figures_and_the_temperature():
+  """The hand-written Brier score, NLL (clipped at 1e-12) and the temperature fitted with them,
+  as they were before scikit-learn computed them, on probabilities with exact zeros."""
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 7, 400)
+  probabilities = rng.dirichlet(np.full(7, 0.3), 400)
+  probabilities[:5] = np.eye(7)[(labels[:5] + 1) % 7]  # confident mistakes: p(true) = 0
+  one_hot = np.eye(7)[labels]
+  assert metrics.brier_score(labels, probabilities) == pytest.approx(
+      np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)), rel=1e-12)
+
+  def hand_nll(p):
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1))))
+
+  assert calibration.negative_log_likelihood(labels, probabilities) == pytest.approx(
+      hand_nll(probabilities), rel=1e-9)
+  from scipy import optimize
+  hand = optimize.minimize_scalar(
+      lambda log_t: hand_nll(calibration.apply_temperature(probabilities, np.exp(log_t))),
+      bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+  assert calibration.fit_temperature(labels, probabilities) == pytest.approx(np.exp(hand.x), rel=1e-4)
