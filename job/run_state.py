@@ -14,8 +14,10 @@ absent (locally an exclusive create; on gs:// an object created with a
 generation precondition, through the GCS client, which TensorFlow's filesystem
 cannot do; elsewhere, such as ram://, a plain write: best effort, and logged as
 such). A heartbeat renews it; a lease past its expiry (a killed job) is taken
-over, and the same Vertex AI job restarting (same CLOUD_ML_JOB_ID and
-fingerprint) takes its own lease over at once. Non-chief workers take none.
+over, as is one whose process on this host has ended (a job killed and started
+again on the same machine), and the same Vertex AI job restarting (same
+CLOUD_ML_JOB_ID and fingerprint) takes its own lease over at once. Non-chief
+workers take none.
 """
 
 import json
@@ -215,6 +217,17 @@ def _store(path: str):
   return _BestEffortStore(path)
 
 
+def _alive(pid) -> bool:
+  """Whether process `pid` of this host still runs (a job killed here leaves its lease behind)."""
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, TypeError, ValueError):
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 class ModelDirInUse(cli.UserError):
   """Another job holds the model_dir."""
 
@@ -232,7 +245,8 @@ class Lease:
     self._store = self._thread = None
 
   def _record(self) -> str:
-    return json.dumps({"holder": self.holder, "job_id": self.job_id, "fingerprint": self.fingerprint,
+    return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                       "job_id": self.job_id, "fingerprint": self.fingerprint,
                        "expires": time.time() + self.seconds})
 
   def acquire(self) -> "Lease":
@@ -248,11 +262,12 @@ class Lease:
       current = json.loads(text) if text else {}
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
           current.get("fingerprint") == self.fingerprint)
+      expired = current.get("expires", 0) < time.time()
+      dead = current.get("host") == socket.gethostname() and not _alive(current.get("pid"))
       if text is None:  # released in the meantime
         taken = self._store.create(self._record())
       else:
-        taken = (same_job or current.get("expires", 0) < time.time()) and self._store.replace(
-            self._record(), token)
+        taken = (same_job or expired or dead) and self._store.replace(self._record(), token)
       if not taken:
         until = time.strftime("%H:%M:%S", time.localtime(current.get("expires", 0)))
         raise ModelDirInUse(f"--model_dir={self.model_dir} is in use by another job ({current.get('holder')}"
@@ -260,7 +275,8 @@ class Lease:
                             f"its lease runs to {until} unless renewed). Wait for it to end, or give "
                             "another --model_dir")
       logging.info("took over the lease on %s from %s (%s)", self.model_dir, current.get("holder"),
-                   "the same Vertex AI job, restarted" if same_job else "it had expired")
+                   "the same Vertex AI job, restarted" if same_job else
+                   "its process on this host has ended" if dead else "it had expired")
     self._token = self._store.read()[1]
     self._thread = threading.Thread(target=self._heartbeat, name="model-dir-lease", daemon=True)
     self._thread.start()

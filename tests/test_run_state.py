@@ -231,3 +231,20 @@ def test_a_second_job_into_a_held_model_dir_stops_at_once(shards_dir, tmp_path):
   assert result.returncode == 1
   assert "is in use by another job (vm-7 pid 42" in result.stderr.strip().splitlines()[-1]
   assert sorted(os.listdir(model_dir)) == [".lease.json"]  # nothing written
+
+
+def test_a_lease_left_by_a_process_that_ended_on_this_host_is_taken_over(tmp_path, monkeypatch):
+  import socket
+  import subprocess
+  monkeypatch.delenv("CLOUD_ML_JOB_ID", raising=False)
+  gone = subprocess.Popen(["true"])  # a pid that no longer runs
+  gone.wait()
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  record = {"holder": "killed job", "pid": gone.pid, "job_id": None, "fingerprint": "{}",
+            "expires": time.time() + 600}
+  (model_dir / ".lease.json").write_text(json.dumps({**record, "host": "another-host"}))
+  with pytest.raises(run_state.ModelDirInUse):  # another host's: it may still run there
+    run_state.Lease(str(model_dir), {}).acquire()
+  (model_dir / ".lease.json").write_text(json.dumps({**record, "host": socket.gethostname()}))
+  run_state.Lease(str(model_dir), {}).acquire().release()
