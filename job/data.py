@@ -11,9 +11,11 @@ batching float32, so the cast, the random augmentation and `preprocess_input`
 run on the accelerator, inside the training wrapper (job/model.py).
 """
 
+import atexit
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -95,7 +97,9 @@ def _cached(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
   if cache == "memory":
     return dataset.cache()
   if cache == "disk":  # a local file per process (workers on one host must not share one)
-    return dataset.cache(os.path.join(tempfile.mkdtemp(prefix="ham10000-cache-"), name))
+    folder = tempfile.mkdtemp(prefix="ham10000-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the decoded split can take gigabytes
+    return dataset.cache(os.path.join(folder, name))
   return dataset
 
 
