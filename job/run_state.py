@@ -181,8 +181,11 @@ class _GcsStore:
       pass
 
 
-class _BestEffortStore(_LocalStore):
+class _BestEffortStore:
   """Filesystems without an exclusive create (ram://, …): check, then write."""
+
+  def __init__(self, path):
+    self.path = path
 
   def create(self, text) -> bool:
     if tf.io.gfile.exists(self.path):
