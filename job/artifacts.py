@@ -21,10 +21,12 @@ CALIBRATION_FILE = "calibration.json"
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 TRAINING_CURVES_PLOT = "training_curves.png"
 RELIABILITY_PLOT = "reliability_diagram.png"
+SERVING_DIR = "serving"  # the serving SavedModel (job.predict.export_serving), to upload as it is
+EVALUATION_DIR = "evaluation"  # evaluation/{split}/: a split other than test (job.evaluate --split)
 # The files of one run, which --overwrite clears with its checkpoints, backups and logs.
 RUN_FILES = (BEST_MODEL_FILE, BEST_MODEL_STATE_FILE, LABEL_MAP_FILE, HISTORY_FILE, RUN_CONFIG_FILE,
              METRICS_FILE, PREDICTIONS_FILE, CALIBRATION_FILE, CONFUSION_MATRIX_PLOT,
-             TRAINING_CURVES_PLOT, RELIABILITY_PLOT)
+             TRAINING_CURVES_PLOT, RELIABILITY_PLOT, SERVING_DIR, EVALUATION_DIR)
 CHECKPOINTS_DIR = "checkpoints"  # finished stages' markers and weights
 BACKUP_DIR = "backup"  # the running stage's BackupAndRestore
 LOGS_DIR = "logs"  # TensorBoard
@@ -32,6 +34,12 @@ LOGS_DIR = "logs"  # TensorBoard
 
 def path(model_dir: str, *parts: str) -> str:
   return fileio.join(model_dir, *parts)
+
+
+def evaluation_dir(model_dir: str, split: str) -> str:
+  """Where job.evaluate writes a split's figures: the test split beside the model (where the
+  training job puts them), any other in evaluation/{split}/."""
+  return model_dir if split == "test" else path(model_dir, EVALUATION_DIR, split)
 
 
 def read_run_config(model_dir: str) -> dict:

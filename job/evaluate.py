@@ -1,14 +1,17 @@
 r"""Calibration and evaluation of the best model: the ISIC metric set, with pictures.
 
   python -m job.evaluate --data_dir=DIR --model_dir=artifacts [--split=test]
+  python -m job.evaluate --data_dir=ISIC_TEST --model_dir=artifacts --split=external [--output_dir=D]
 
 `calibrate` runs once, at the end of training: on the validation split it fits
 the temperature and chooses the melanoma operating threshold (90% specificity)
 on the calibrated probabilities that job.predict and the serving export
 return, and writes calibration.json. `evaluate` never fits anything on the
 split it evaluates: it reads calibration.json, so it needs no validation split,
-and writes predictions.csv, metrics.json, confusion_matrix.png,
-training_curves.png and reliability_diagram.png. The classes are the run's.
+and writes predictions.csv, metrics.json, confusion_matrix.png and
+reliability_diagram.png: for the test split beside the model (with
+training_curves.png), for another split (an external set) in
+{model_dir}/evaluation/{split}/ or --output_dir. The classes are the run's.
 """
 
 import io
@@ -151,8 +154,9 @@ def log_summary(metrics: dict, test: pd.DataFrame, class_names):
 
 
 def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int | None = None,
-             take: int | None = None) -> dict:
-  """Predicts `split` and writes the files listed in the module docstring; fits nothing."""
+             take: int | None = None, output_dir: str | None = None) -> dict:
+  """Predicts `split` and writes the files listed in the module docstring into `output_dir`
+  (artifacts.evaluation_dir by default); fits nothing."""
   run_config = artifacts.read_run_config(model_dir)
   class_names = artifacts.class_names(model_dir)
   calibration_json = artifacts.read_calibration(model_dir)
@@ -169,36 +173,43 @@ def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int
   metrics = {"split": split, **compute_metrics(test, class_names, calibration_json,
                                                seed=run_config.get("seed", 0))}
   log_summary(metrics, test, class_names)
+  output_dir = output_dir or artifacts.evaluation_dir(model_dir, split)
+  fileio.makedirs(output_dir)
   out = io.StringIO()
   test.to_csv(out, index=False)
-  fileio.write_atomic(artifacts.path(model_dir, artifacts.PREDICTIONS_FILE), out.getvalue())
-  fileio.write_json(artifacts.path(model_dir, artifacts.METRICS_FILE), metrics)
-  write_plots(model_dir, metrics, run_config)
+  fileio.write_atomic(artifacts.path(output_dir, artifacts.PREDICTIONS_FILE), out.getvalue())
+  fileio.write_json(artifacts.path(output_dir, artifacts.METRICS_FILE), metrics)
+  write_plots(model_dir, output_dir, metrics, run_config)
+  logging.info("%s split: figures and pictures in %s", split, output_dir)
   return metrics
 
 
-def write_plots(model_dir: str, metrics: dict, run_config: dict):
+def write_plots(model_dir: str, output_dir: str, metrics: dict, run_config: dict):
   plots.confusion_matrix(np.asarray(metrics["confusion_matrix"]["counts"]), metrics["confusion_matrix"]["labels"],
-                         artifacts.path(model_dir, artifacts.CONFUSION_MATRIX_PLOT))
+                         artifacts.path(output_dir, artifacts.CONFUSION_MATRIX_PLOT))
   history_path = artifacts.path(model_dir, artifacts.HISTORY_FILE)
-  if tf.io.gfile.exists(history_path):
+  if output_dir == model_dir and tf.io.gfile.exists(history_path):
     with tf.io.gfile.GFile(history_path) as f:
       history = pd.read_csv(f)
     plots.training_curves(history, run_config["flags"].get("monitor", "val_f1"),
                           artifacts.path(model_dir, artifacts.TRAINING_CURVES_PLOT))
   bins = metrics["calibration"]["reliability_bins"]
-  plots.reliability_diagram(bins["before"], bins["after"], artifacts.path(model_dir, artifacts.RELIABILITY_PLOT))
+  plots.reliability_diagram(bins["before"], bins["after"], artifacts.path(output_dir, artifacts.RELIABILITY_PLOT))
 
 
 def define_flags():
   flags.DEFINE_string("data_dir", None, "Converted shards with manifest.json.", required=True)
   flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir.")
-  flags.DEFINE_string("split", "test", "Split of --data_dir to evaluate.")
+  flags.DEFINE_string("split", "test", "Split of --data_dir to evaluate: test, or any other it holds "
+                      "(external for a set converted with --external).")
+  flags.DEFINE_string("output_dir", None, "Where the figures go (default: --model_dir for the test "
+                      "split, else {model_dir}/evaluation/{split}).")
 
 
 def main(argv):
   del argv
-  evaluate(flags.FLAGS.model_dir, flags.FLAGS.data_dir, flags.FLAGS.split)
+  evaluate(flags.FLAGS.model_dir, flags.FLAGS.data_dir, flags.FLAGS.split,
+           output_dir=flags.FLAGS.output_dir)
 
 
 if __name__ == "__main__":

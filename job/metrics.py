@@ -101,7 +101,8 @@ def melanoma_operating_point(labels, probabilities, mel: int, threshold: float) 
 
 
 def subgroups(labels, probabilities, metadata: pd.DataFrame) -> dict:
-  """Balanced accuracy and counts per sex, age band and localization."""
+  """Balanced accuracy and counts per sex, age band and localization; a grouping the data does
+  not record for any image (the ISIC challenge layout has none of the three) says so."""
   predictions = probabilities.argmax(axis=1)
   age = metadata["age"].to_numpy(dtype=float)
   bands = pd.cut(age, AGE_BANDS, right=False, labels=["<30", "30-44", "45-59", "60-74", "75+"])
@@ -112,6 +113,9 @@ def subgroups(labels, probabilities, metadata: pd.DataFrame) -> dict:
   }
   out = {}
   for name, values in groups.items():
+    if (values == "unknown").all():
+      out[name] = {"available": False, "note": f"the data records no {name.replace('_band', '')}"}
+      continue
     out[name] = {}
     for value in sorted(set(values)):
       rows = values == value

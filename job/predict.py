@@ -3,10 +3,15 @@ r"""Inference on raw JPEGs, and the serving export.
   python -m job.predict --model_dir=artifacts photo.jpg folder/ "gs://bucket/new/*.jpg"
   python -m job.predict --model_dir=artifacts --output=preds.csv folder/
   python -m job.predict --model_dir=artifacts --export_dir=gs://bucket/serving/1
+  python -m job.predict --model_dir=artifacts --format=isic2018 --output=submission.csv \
+      ISIC2018_Task3_Test_Input/
 
 Images of any size are resized to the training size from run_config.json and
 preprocessed exactly as in training. Probabilities are temperature-calibrated
-(calibration.json) unless --raw.
+(calibration.json) unless --raw. `--format=isic2018` writes an ISIC 2018 Task 3
+submission (image id without extension, then one probability per class in the
+challenge's column order), and writes nothing if any image cannot be read: a
+submission without some images is invalid.
 """
 
 import dataclasses
@@ -20,7 +25,7 @@ import tensorflow as tf
 from absl import flags, logging
 
 from job import artifacts, calibration, model as model_lib
-from tfrecords import cli, features, fileio
+from tfrecords import cli, features, fileio, sources
 
 # What the decoder takes (tf.io.decode_jpeg reads PNG, GIF and BMP too), in a folder as named.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -91,6 +96,32 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
   return table, unreadable
 
 
+def isic_submission(table: pd.DataFrame, class_names) -> pd.DataFrame:
+  """The ISIC 2018 Task 3 submission: `image` (the file name without extension) and the
+  probabilities in the columns MEL,NV,BCC,AKIEC,BKL,DF,VASC."""
+  if sorted(class_names) != sorted(c.lower() for c in sources.ISIC_CLASSES):
+    raise cli.UserError(f"--format=isic2018 needs a run on the seven HAM10000 classes; this run's are "
+                        f"{', '.join(class_names)}")
+  images = table["path"].map(lambda p: os.path.splitext(os.path.basename(p))[0])
+  repeated = images[images.duplicated()]
+  if len(repeated):
+    raise cli.UserError(f"image {repeated.iloc[0]} is given twice ({', '.join(table['path'][images == repeated.iloc[0]])}); "
+                        "a submission has one row per image")
+  submission = pd.DataFrame({"image": images})
+  for name in sources.ISIC_CLASSES:
+    submission[name] = table[f"p_{name.lower()}"].to_numpy(dtype=np.float64)
+  return submission
+
+
+def _to_csv(table: pd.DataFrame) -> str:
+  # Floats as Python's repr: the shortest text that reads back as the same float64, so two
+  # classes tie in the file only where the model's probabilities tie (the official scorer
+  # counts a tied maximum as a wrong answer).
+  out = io.StringIO()
+  table.to_csv(out, index=False)
+  return out.getvalue()
+
+
 def export_serving(inference: InferenceModel, export_dir: str):
   """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities.
 
@@ -120,6 +151,8 @@ def define_flags():
   flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
   flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
   flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
+  flags.DEFINE_enum("format", "table", ["table", "isic2018"], "--output's format: table (path, label, "
+                    "probability, top3, p_<class>), or isic2018 (an ISIC 2018 Task 3 submission).")
   flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
 
 
@@ -134,11 +167,17 @@ def main(argv):
     if not FLAGS.export_dir:
       raise cli.UserError("give JPEG files, folders or globs to predict (or --export_dir)")
     return
+  if FLAGS.format == "isic2018" and not FLAGS.output:
+    raise cli.UserError("--format=isic2018 writes a submission file: give --output=submission.csv")
   table, unreadable = predict_files(inference, paths, calibrated=not FLAGS.raw)
-  if FLAGS.output:
-    out = io.StringIO()
-    table.to_csv(out, index=False)
-    fileio.write_atomic(FLAGS.output, out.getvalue())
+  if FLAGS.format == "isic2018":
+    if unreadable:
+      raise cli.UserError(f"{len(unreadable)} of {len(paths)} files could not be read as images: "
+                          f"{', '.join(unreadable)}; no submission written (one without them is invalid)")
+    fileio.write_atomic(FLAGS.output, _to_csv(isic_submission(table, inference.class_names)))
+    logging.info("ISIC 2018 submission of %d images written to %s", len(table), FLAGS.output)
+  elif FLAGS.output:
+    fileio.write_atomic(FLAGS.output, _to_csv(table))
   for row in table.itertuples():
     print(f"{os.path.basename(row.path)}\t{row.label}\t{row.probability:.3f}\t{row.top3}")
   if unreadable:

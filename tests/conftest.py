@@ -29,3 +29,28 @@ def shards_dir(source, tmp_path_factory):
   settings = convert.Settings(source=source.description)
   convert.convert(source, out, settings, workers=2)
   return out
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+  """A ResNet-50 no-top weights file made here (ImageNet's cannot be downloaded offline)."""
+  import keras
+  from job import model as model_lib
+  path = str(tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5")
+  keras.utils.set_random_seed(7)
+  model_lib.build_backbone("none").save_weights(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(shards_dir, weights_file, tmp_path_factory):
+  """One small run of both stages with every artifact written to ram://, then copied out."""
+  from helpers import copy_tree
+  from job import config as config_lib, train
+  cfg = config_lib.TrainConfig(data_dir=shards_dir, model_dir="ram://trained_run", weights=weights_file,
+                               image_size=32, global_batch_size=16, stage1_epochs=2, stage2_epochs=1,
+                               stage1_lr=1e-3, mixed_precision="off", strategy="one_device")
+  metrics = train.train_and_evaluate(cfg)
+  local = str(tmp_path_factory.mktemp("trained_run"))
+  copy_tree("ram://trained_run", local)
+  return metrics, local

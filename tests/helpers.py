@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import tensorflow as tf
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 300  # the synthetic dataset shared by the whole session (conftest.py)
 
@@ -39,3 +41,11 @@ def free_ports(count):
   for s in sockets:
     s.close()
   return ports
+
+
+def copy_tree(src, dst):
+  for directory, _, files in tf.io.gfile.walk(src):
+    relative = directory[len(src):].lstrip("/")
+    tf.io.gfile.makedirs(os.path.join(dst, relative))
+    for name in files:
+      tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", os.path.join(dst, relative, name), overwrite=True)

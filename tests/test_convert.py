@@ -75,7 +75,7 @@ def test_synthetic_dataset_has_hams_shape(source, synthetic_dir):
   assert metadata["age"].isna().sum() >= 1
   for folder in ("HAM10000_images_part_1", "ham10000_images_part_1", "HAM10000_images_part_2"):
     assert os.path.isdir(os.path.join(synthetic_dir, folder))
-  image = tf.io.decode_jpeg(sources.read_image_bytes(source.images[metadata["image_id"][0]]))
+  image = tf.io.decode_jpeg(sources.read_bytes(source.images[metadata["image_id"][0]]))
   assert image.shape == (450, 600, 3)
 
 
@@ -95,7 +95,7 @@ def test_round_trip_every_image_once_with_its_label(source, shards_dir):
     assert (np.isnan(age) and np.isnan(row["age"])) or age == row["age"]
     image = tf.io.decode_jpeg(e["image/encoded"])
     assert image.shape == (int(e["image/height"]), int(e["image/width"]), 3) == (450, 600, 3)
-    original = tf.io.decode_jpeg(sources.read_image_bytes(source.images[image_id]))
+    original = tf.io.decode_jpeg(sources.read_bytes(source.images[image_id]))
     assert np.array_equal(image.numpy(), original.numpy())  # bytes kept as they were
 
 

@@ -9,7 +9,6 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from job import callbacks as callbacks_lib, config as config_lib, data, optimization, run_state, train
 from tfrecords import cli, fileio
@@ -226,7 +225,7 @@ def test_a_second_job_into_a_held_model_dir_stops_at_once(shards_dir, tmp_path):
   model_dir.mkdir()
   (model_dir / ".lease.json").write_text(json.dumps(
       {"holder": "vm-7 pid 42", "job_id": None, "fingerprint": "{}", "expires": time.time() + 600}))
-  result = run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--weights=none",
+  result = run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--weights=none", "--noserving",
                       check=False)
   assert result.returncode == 1
   assert "is in use by another job (vm-7 pid 42" in result.stderr.strip().splitlines()[-1]

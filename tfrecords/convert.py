@@ -2,10 +2,18 @@ r"""Converts HAM10000 into lesion-aware, sharded TFRecords.
 
   python -m tfrecords.convert --source=kaggle --output_dir=gs://bucket/ham10000
   python -m tfrecords.convert --source=/data/ham10000 --output_dir=/data/shards --image_size=256
+  python -m tfrecords.convert --source=/data/isic2018_test --output_dir=/data/isic_test \
+      --external --train_data_dir=/data/shards
+
+`--source` is the Kaggle copy's layout or the ISIC 2018 challenge's (sources.py).
+`--external` converts a labelled set that is not split (an outside test set)
+into one split named `external`; `--train_data_dir` makes sure it shares no
+image with the conversion the model was trained on.
 
 The output folder receives, in this order: `plan.json` (the settings) and
 `split.csv` (image_id, lesion_id, dx, split); the shards, each written under a
-temporary name and moved into place; `label_map.json`; `manifest.json` last.
+temporary name and moved into place; `label_map.json`; the TFDS metadata
+(tfds_metadata.py); `manifest.json` last.
 A folder without `manifest.json` is an unfinished conversion: rerunning the
 same command finishes it, skipping the shards already in place.
 """
@@ -23,7 +31,8 @@ import pandas as pd
 import tensorflow as tf
 from absl import flags, logging
 
-from tfrecords import cli, features, fileio, manifest as manifest_lib, sources, split as split_lib
+from tfrecords import (cli, features, fileio, manifest as manifest_lib, sources, split as split_lib,
+                       tfds_metadata)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PLAN_FILE = "plan.json"
@@ -44,6 +53,7 @@ class Settings:
   val_fraction: float = 0.15
   test_fraction: float = 0.15
   seed: int = 0
+  external: bool = False
 
 
 _DEFAULT = Settings(source="kaggle")
@@ -70,6 +80,15 @@ def define_flags():
   flags.DEFINE_bool("skip_bad_images", False, "Skip (and list in the manifest) images that fail to "
                     "decode, instead of stopping with an error.")
   flags.DEFINE_bool("overwrite", False, "Replace a different conversion already in --output_dir.")
+  flags.DEFINE_bool("external", _DEFAULT.external, "A labelled set not to split (an outside test set such "
+                    "as ISIC 2018's Validation or Test): one split named `external`, --num_eval_shards "
+                    "shards.")
+  flags.DEFINE_string("train_data_dir", None, "With --external: the conversion the model trains on; "
+                      "images it holds are refused.")
+
+
+def split_names(settings: Settings) -> tuple[str, ...]:
+  return (features.EXTERNAL,) if settings.external else features.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +124,7 @@ def write_shard(task: ShardTask) -> dict:
     with tf.io.TFRecordWriter(tmp) as writer:
       for row, ref in task.rows:
         try:
-          jpeg, height, width = _encode_image(sources.read_image_bytes(ref), task.image_size,
+          jpeg, height, width = _encode_image(sources.read_bytes(ref), task.image_size,
                                               task.jpeg_quality)
         except (tf.errors.InvalidArgumentError, OSError, KeyError) as e:
           if not task.skip_bad_images:
@@ -164,12 +183,14 @@ def shard_tasks(source: sources.Source, split: pd.Series, settings: Settings, ou
 
 
 def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) -> dict[str, list[list[int]]]:
-  """Row indices per shard, per split: rows shuffled by the seed, then dealt round-robin."""
+  """Row indices per shard, per split: rows in image_id order (so the table's own order does not
+  matter), shuffled by the seed, then dealt round-robin."""
   rng = np.random.default_rng(settings.seed)
+  by_image = np.argsort(metadata["image_id"].to_numpy(dtype=str), kind="stable")
   plan = {}
-  for name in features.SPLITS:
+  for name in split_names(settings):
     count = settings.num_train_shards if name == "train" else settings.num_eval_shards
-    rows = rng.permutation(np.flatnonzero(split.to_numpy() == name))
+    rows = rng.permutation(by_image[split.to_numpy()[by_image] == name])
     plan[name] = [rows[i::count].tolist() for i in range(count)]
   return plan
 
@@ -183,7 +204,9 @@ def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source
   shard_files = [n for n in existing if n.endswith(".tfrecord")]
   if tf.io.gfile.exists(plan_path):
     plan = fileio.read_json(plan_path)
-    previous = plan.get("settings")
+    # A setting added since that plan was written has its default there.
+    previous = {**{f.name: f.default for f in dataclasses.fields(Settings)
+                   if f.default is not dataclasses.MISSING}, **(plan.get("settings") or {})}
     changed_source = sources.fingerprint_changes(plan.get("source_fingerprint"), source_fingerprint)
     if previous == dataclasses.asdict(settings) and not changed_source:
       return "finished" if manifest_lib.MANIFEST_FILE in existing else "unfinished"
@@ -219,7 +242,7 @@ def _replace(output_dir: str, staging: str):
   The old manifest goes first, so the folder reads as unfinished from then on; the new plan
   comes in before its shards (a rerun interrupted here resumes in place), the new manifest
   last. On gs://, where a folder cannot be swapped at once, manifest.json is the commit point."""
-  ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE]
+  ours = [PLAN_FILE, SPLIT_FILE, manifest_lib.LABEL_MAP_FILE, *tfds_metadata.FILES]
   fileio.remove_if_exists(fileio.join(output_dir, manifest_lib.MANIFEST_FILE))
   for name in tf.io.gfile.listdir(output_dir):
     name = name.rstrip("/")
@@ -236,8 +259,11 @@ def _replace(output_dir: str, staging: str):
 def convert(source: sources.Source, output_dir: str, settings: Settings, workers: int = 1,
             skip_bad_images: bool = False, overwrite: bool = False) -> dict:
   """Runs (or finishes) a conversion and returns its manifest."""
-  split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
-                                    settings.seed)
+  if settings.external:
+    split = pd.Series(features.EXTERNAL, index=source.metadata.index, name="split")
+  else:
+    split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
+                                      settings.seed)
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
   fileio.makedirs(output_dir)
@@ -294,6 +320,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   check_written(done)
   manifest = _manifest(source, settings, split, done, source_fingerprint)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
+  if not output_dir.startswith("ram://"):  # TFDS reads local and gs:// folders, not TensorFlow's ram://
+    tfds_metadata.write(output_dir, manifest, features.CLASS_NAMES)
   manifest_lib.write(output_dir, manifest)  # last: marks completion
   fileio.remove_if_exists(staging_dir(output_dir, settings))  # left by an interrupted swap
   if total:
@@ -342,7 +370,7 @@ def check_written(done: dict):
 
 def _manifest(source, settings, split, done, source_fingerprint):
   splits = {}
-  for name in features.SPLITS:
+  for name in split_names(settings):
     shards = sorted((s for s in done.values() if s["name"].startswith(name + "-")), key=lambda s: s["name"])
     class_counts = {dx: sum(s["class_counts"][dx] for s in shards) for dx in features.CLASS_NAMES}
     splits[name] = {
@@ -354,6 +382,7 @@ def _manifest(source, settings, split, done, source_fingerprint):
   return {
       "format_version": manifest_lib.FORMAT_VERSION,
       "source": source.description,
+      "layout": source.layout,
       "source_version": settings.kaggle_version if settings.source == "kaggle" else None,
       "metadata_file": source.metadata_path,
       "source_fingerprint": source_fingerprint,
@@ -370,7 +399,19 @@ def settings_from_flags() -> Settings:
   return Settings(source=FLAGS.source, kaggle_version=FLAGS.kaggle_version, image_size=FLAGS.image_size,
                   jpeg_quality=FLAGS.jpeg_quality, num_train_shards=FLAGS.num_train_shards,
                   num_eval_shards=FLAGS.num_eval_shards, val_fraction=FLAGS.val_fraction,
-                  test_fraction=FLAGS.test_fraction, seed=FLAGS.seed)
+                  test_fraction=FLAGS.test_fraction, seed=FLAGS.seed, external=FLAGS.external)
+
+
+def check_not_in_training(source: sources.Source, train_data_dir: str):
+  """Stops where an external set shares images with the conversion a model trains on."""
+  manifest_lib.read(train_data_dir)  # a finished conversion, or a clear error
+  with tf.io.gfile.GFile(fileio.join(train_data_dir, SPLIT_FILE)) as f:
+    trained = set(pd.read_csv(f, dtype={"image_id": str})["image_id"])
+  shared = [i for i in source.metadata["image_id"] if i in trained]
+  if shared:
+    raise ConversionError(f"--train_data_dir={train_data_dir} holds {len(shared)} of the "
+                          f"{len(source.metadata)} images of --source={source.description} (e.g. "
+                          f"{', '.join(shared[:5])}): an external set must be new to the model")
 
 
 def main(argv):
@@ -381,7 +422,11 @@ def main(argv):
       raise cli.UserError(f"--{flag}={FLAGS[flag].value} must be at least 1")
   if settings.image_size < 0:
     raise cli.UserError(f"--image_size={settings.image_size} must be 0 (keep) or a positive size")
-  source = sources.open_source(settings.source, settings.kaggle_version)
+  if FLAGS.train_data_dir and not settings.external:
+    raise cli.UserError("--train_data_dir is for --external conversions")
+  source = sources.open_source(settings.source, settings.kaggle_version, settings.external)
+  if FLAGS.train_data_dir:
+    check_not_in_training(source, FLAGS.train_data_dir)
   manifest = convert(source, FLAGS.output_dir, settings, FLAGS.workers, FLAGS.skip_bad_images,
                      FLAGS.overwrite)
   for name, info in manifest["splits"].items():

@@ -33,6 +33,7 @@ LABEL_MAP = {name: index for index, name in enumerate(CLASS_NAMES)}
 NUM_CLASSES = len(CLASS_NAMES)
 
 SPLITS = ("train", "validation", "test")
+EXTERNAL = "external"  # the one split of a set converted with --external (not split by lesion)
 
 
 def shard_name(split: str, index: int, count: int) -> str:

@@ -1,28 +1,72 @@
-"""Finding HAM10000: kagglehub, a local folder, the two zip archives, or gs://.
+"""Finding HAM10000: kagglehub, a local folder, the zip archives, or gs://.
 
 Every source becomes the same thing: the metadata table, validated, and where
 each `image_id`'s JPEG lives. Images are keyed by `image_id` because the Kaggle
 copy holds every image twice (`HAM10000_images_part_1/` and a lowercase twin).
+
+Two layouts are read. The Kaggle copy: `HAM10000_metadata.csv` and the image
+folders (or their zip archives). The ISIC 2018 challenge's (Task 3):
+`ISIC2018_Task3_{Part}_Input/` (or its zip), `…_GroundTruth.csv` (one-hot class
+columns; also inside a zip) and, for the training part only,
+`…_LesionGroupings.csv`. That layout has no age, sex or localization: they are
+stored as the contract's missing values (NaN, ""). Its `diagnosis_confirm_type`
+is stored as `dx_type` in HAM10000's words (DIAGNOSIS_CONFIRM_TYPES). A part
+without lesion groupings (Validation, Test) makes each image its own lesion.
+Zip archives on gs:// are copied to a local temporary folder once (zipfile
+reads local files only).
 """
 
+import atexit
 import dataclasses
 import functools
 import hashlib
 import io
 import os
 import posixpath
+import re
+import shutil
+import tempfile
 import zipfile
 
 import pandas as pd
 import tensorflow as tf
+from absl import logging
 
-from tfrecords import cli, features
+from tfrecords import cli, features, fileio
 
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 KAGGLE_HANDLE = "kmader/skin-cancer-mnist-ham10000"
 IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 IMAGE_ZIPS = tuple(f"{folder}.zip" for folder in IMAGE_FOLDERS)
+
+# The ISIC 2018 challenge layout (Task 3). Its one-hot columns, in the ground truth's order;
+# the lowercase names are HAM10000's dx codes.
+ISIC_PREFIX = "ISIC2018_Task3_"
+ISIC_PARTS = ("Training", "Validation", "Test")
+ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+ISIC_GROUND_TRUTH = re.compile(r"ISIC2018_Task3_(Training|Validation|Test)_GroundTruth\.csv$")
+ISIC_GROUPINGS = re.compile(r"ISIC2018_Task3_(Training|Validation|Test)_LesionGroupings\.csv$")
+# The LesionGroupings file's `diagnosis_confirm_type` → HAM10000's `dx_type`: the same four
+# ways of confirming a diagnosis, in the words of Tschandl et al. (2018) and of the metadata CSV.
+DIAGNOSIS_CONFIRM_TYPES = {
+    "histopathology": "histo",
+    "serial imaging showing no change": "follow_up",
+    "single image expert consensus": "consensus",
+    "confocal microscopy with consensus dermoscopy": "confocal",
+}
+
+
+def isic_input_folder(part: str) -> str:
+  return f"{ISIC_PREFIX}{part}_Input"
+
+
+def isic_ground_truth_file(part: str) -> str:
+  return f"{ISIC_PREFIX}{part}_GroundTruth.csv"
+
+
+def isic_groupings_file(part: str) -> str:
+  return f"{ISIC_PREFIX}{part}_LesionGroupings.csv"
 
 
 class SourceError(cli.UserError):
@@ -45,6 +89,7 @@ class Source:
   metadata: pd.DataFrame  # REQUIRED_COLUMNS, one row per image_id, in CSV order
   images: dict[str, ImageRef]  # image_id -> where its JPEG is
   metadata_path: str
+  layout: str = "kaggle"  # or "isic2018:Training", "isic2018:Test", ...
 
 
 def _gcs_listing(paths: list[str]) -> dict[str, str]:
@@ -99,75 +144,174 @@ def _open_zip(path: str) -> zipfile.ZipFile:
   return zipfile.ZipFile(path)
 
 
-def read_image_bytes(ref: ImageRef) -> bytes:
+@functools.lru_cache(maxsize=None)
+def _local_archive(path: str) -> str:
+  """A zip archive on local disk: itself, or (gs://) a copy made once and removed at exit.
+  The copy's path is what ImageRefs hold, so the converter's worker processes read it too."""
+  if fileio.is_local(path):
+    return path
+  directory = tempfile.mkdtemp(prefix="ham10000-archive-")
+  atexit.register(shutil.rmtree, directory, True)
+  logging.info("copying %s to local disk (zip archives are read from local files)", path)
+  return fileio.copy_to_local(path, directory)
+
+
+def read_bytes(ref: ImageRef) -> bytes:
   if ref.member is not None:
     return _open_zip(ref.path).read(ref.member)
   with tf.io.gfile.GFile(ref.path, "rb") as f:
     return f.read()
 
 
-def open_source(source: str, kaggle_version: int = 2) -> Source:
-  """Resolves `--source` (kaggle, a folder, or a gs:// prefix) to metadata and images."""
+def open_source(source: str, kaggle_version: int = 2, external: bool = False) -> Source:
+  """Resolves `--source` (kaggle, a folder, or a gs:// prefix) to metadata and images.
+  `external`: a labelled set that is not split (picks the ISIC layout's non-training part)."""
   if source == "kaggle":
     import kagglehub  # pylint: disable=g-import-not-at-top
     handle = f"{KAGGLE_HANDLE}/versions/{kaggle_version}"
     # Served from KAGGLEHUB_CACHE when it holds this version, else downloaded.
     folder = kagglehub.dataset_download(handle)
-    return _open_folder(folder, f"kaggle:{handle}")
+    return _open_folder(folder, f"kaggle:{handle}", external)
   if not tf.io.gfile.exists(source):
     raise SourceError(f"--source={source}: no such folder")
   if not tf.io.gfile.isdir(source):
     raise SourceError(f"--source={source}: not a folder")
-  return _open_folder(source, source)
+  return _open_folder(source, source, external)
 
 
-def _open_folder(folder: str, description: str) -> Source:
-  metadata_paths, jpegs, zips = [], {}, []
+def _is_image(name: str) -> bool:
+  return name.lower().endswith((".jpg", ".jpeg"))
+
+
+def _is_table(name: str) -> bool:
+  return name == METADATA_FILE or bool(ISIC_GROUND_TRUTH.match(name) or ISIC_GROUPINGS.match(name))
+
+
+def _walk(folder: str) -> list[tuple[str, ImageRef]]:
+  """(file name, where it is) of every file under `folder`, in a stable order."""
+  entries = []
   for directory, _, files in sorted(tf.io.gfile.walk(folder)):
     for name in sorted(files):
       path = posixpath.join(directory, name) if "://" in directory else os.path.join(directory, name)
-      if name == METADATA_FILE:
-        metadata_paths.append(path)
-      elif name.lower().endswith((".jpg", ".jpeg")):
-        # First seen wins: `HAM10000_images_part_1` sorts before its lowercase twin.
-        jpegs.setdefault(os.path.splitext(name)[0], ImageRef(path))
-      elif name in IMAGE_ZIPS:
-        zips.append(path)
-  if not metadata_paths:
-    raise SourceError(f"{description}: no {METADATA_FILE} found (an empty or wrong --source?)")
-  if not jpegs:
-    for archive in zips:
-      if "://" in archive:
-        raise SourceError(f"{archive}: zip archives are read from local disk only; extract them first")
+      entries.append((name, ImageRef(path)))
+  return entries
+
+
+def _archive_members(entries) -> list[tuple[str, ImageRef]]:
+  """The images and tables inside the layout's zip archives (gs:// ones copied locally)."""
+  members = []
+  for name, ref in entries:
+    if name in IMAGE_ZIPS or (name.startswith(ISIC_PREFIX) and name.endswith(".zip")):
+      archive = _local_archive(ref.path)
       for member in _open_zip(archive).namelist():
-        name = posixpath.basename(member)
-        if name.lower().endswith((".jpg", ".jpeg")):
-          jpegs.setdefault(os.path.splitext(name)[0], ImageRef(archive, member))
+        base = posixpath.basename(member)
+        if _is_image(base) or _is_table(base):
+          members.append((base, ImageRef(archive, member)))
+  return members
+
+
+def _open_folder(folder: str, description: str, external: bool = False) -> Source:
+  entries = _walk(folder)
+  if not (any(_is_image(n) for n, _ in entries) and any(_is_table(n) for n, _ in entries)):
+    entries += _archive_members(entries)  # the archives' content, where the files are not
+  tables = {}
+  for name, ref in entries:
+    tables.setdefault(name, ref)
+  if METADATA_FILE in tables:
+    metadata, table, layout = read_metadata(tables[METADATA_FILE]), tables[METADATA_FILE], "kaggle"
+  else:
+    part = _isic_part(tables, description, external)
+    if part is None:
+      raise SourceError(f"{description}: no {METADATA_FILE} and no {ISIC_PREFIX}*_GroundTruth.csv found "
+                        "(an empty or wrong --source?)")
+    table = tables[isic_ground_truth_file(part)]
+    metadata = read_isic_ground_truth(table, tables.get(isic_groupings_file(part)))
+    layout = f"isic2018:{part}"
+  jpegs = {}
+  for name, ref in entries:  # first seen wins: `HAM10000_images_part_1` sorts before its twin
+    if _is_image(name):
+      jpegs.setdefault(os.path.splitext(name)[0], ref)
   if not jpegs:
-    raise SourceError(f"{description}: no JPEG images found beside {metadata_paths[0]}")
-  metadata = read_metadata(metadata_paths[0])
+    raise SourceError(f"{description}: no JPEG images found beside {table}")
   missing = [i for i in metadata["image_id"] if i not in jpegs]
   if missing:
     row = metadata.index[metadata["image_id"] == missing[0]][0]
-    raise SourceError(f"{metadata_paths[0]} row {row + 2}: image {missing[0]} not found under "
+    raise SourceError(f"{table} row {row + 2}: image {missing[0]} not found under "
                       f"{folder} ({len(missing)} images missing in all)")
   images = {i: jpegs[i] for i in metadata["image_id"]}
-  return Source(description, metadata, images, metadata_paths[0])
+  return Source(description, metadata, images, str(table), layout)
 
 
-def read_metadata(path: str) -> pd.DataFrame:
-  """Reads and validates HAM10000_metadata.csv; errors name the file and row (1 = header)."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    try:
-      metadata = pd.read_csv(io.BytesIO(f.read()), dtype={"lesion_id": str, "image_id": str, "dx": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-      raise SourceError(f"{path}: not a readable CSV ({e})") from e
-  missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
+def _isic_part(tables: dict, description: str, external: bool) -> str | None:
+  """Which ISIC 2018 part a folder holds: the one there is; else Training for a conversion
+  that splits, the one non-training part for an external set."""
+  parts = [p for p in ISIC_PARTS if isic_ground_truth_file(p) in tables]
+  if len(parts) <= 1:
+    return parts[0] if parts else None
+  wanted = [p for p in parts if (p != "Training") == external]
+  if len(wanted) == 1:
+    return wanted[0]
+  raise SourceError(f"--source={description} holds the ground truth of several ISIC 2018 parts "
+                    f"({', '.join(parts)}): give a folder that holds one")
+
+
+def _read_csv(ref: ImageRef, dtype: dict) -> pd.DataFrame:
+  try:
+    return pd.read_csv(io.BytesIO(read_bytes(ref)), dtype=dtype)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    raise SourceError(f"{ref}: not a readable CSV ({e})") from e
+
+
+def _require_columns(table: pd.DataFrame, ref, columns):
+  missing = [c for c in columns if c not in table.columns]
   if missing:
-    raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; "
-                      f"expected {', '.join(REQUIRED_COLUMNS)}")
-  if metadata.empty:
-    raise SourceError(f"{path}: no rows")
+    raise SourceError(f"{ref}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+  if table.empty:
+    raise SourceError(f"{ref}: no rows")
+
+
+def read_metadata(ref: ImageRef | str) -> pd.DataFrame:
+  """Reads and validates HAM10000_metadata.csv; errors name the file and row (1 = header)."""
+  ref = ref if isinstance(ref, ImageRef) else ImageRef(ref)
+  metadata = _read_csv(ref, {"lesion_id": str, "image_id": str, "dx": str})
+  _require_columns(metadata, ref, REQUIRED_COLUMNS)
+  return _validated(metadata, ref)
+
+
+def read_isic_ground_truth(ref: ImageRef, groupings: ImageRef | None) -> pd.DataFrame:
+  """The ISIC 2018 ground truth (and lesion groupings, when given) as HAM10000 metadata rows."""
+  truth = _read_csv(ref, {"image": str})
+  _require_columns(truth, ref, ("image",) + ISIC_CLASSES)
+  values = truth[list(ISIC_CLASSES)].apply(pd.to_numeric, errors="coerce")
+  one_hot = values.isin([0, 1]).all(axis=1) & (values.sum(axis=1) == 1)
+  if not one_hot.all():
+    row = truth.index[~one_hot][0]
+    found = ", ".join(f"{c}={truth.at[row, c]}" for c in ISIC_CLASSES)
+    raise SourceError(f"{ref} row {row + 2}: image {truth.at[row, 'image']} is not labelled with exactly one "
+                      f"class ({found}); each row needs one 1 and six 0s ({int((~one_hot).sum())} such rows)")
+  metadata = pd.DataFrame({
+      "lesion_id": truth["image"],  # without groupings, each image is its own lesion
+      "image_id": truth["image"],
+      "dx": [ISIC_CLASSES[i].lower() for i in values.to_numpy().argmax(axis=1)],
+      "dx_type": "", "age": float("nan"), "sex": "", "localization": ""})
+  if groupings is not None:
+    table = _read_csv(groupings, {"image": str, "lesion_id": str, "diagnosis_confirm_type": str})
+    _require_columns(table, groupings, ("image", "lesion_id", "diagnosis_confirm_type"))
+    table = table.drop_duplicates("image").set_index("image")
+    ungrouped = ~metadata["image_id"].isin(table.index)
+    if ungrouped.any():
+      row = metadata.index[ungrouped][0]
+      raise SourceError(f"{ref} row {row + 2}: image {metadata.at[row, 'image_id']} has no row in {groupings} "
+                        f"(its lesion is unknown; {int(ungrouped.sum())} such images in all)")
+    metadata["lesion_id"] = metadata["image_id"].map(table["lesion_id"])
+    confirm = metadata["image_id"].map(table["diagnosis_confirm_type"]).fillna("").str.strip()
+    metadata["dx_type"] = confirm.map(lambda t: DIAGNOSIS_CONFIRM_TYPES.get(t.lower(), t))
+  return _validated(metadata, ref)
+
+
+def _validated(metadata: pd.DataFrame, ref) -> pd.DataFrame:
+  """The checks every layout's table passes; row numbers count the file's lines (1 = header)."""
+  path = str(ref)
   for column in ("lesion_id", "image_id", "dx"):
     blank = metadata[column].isna() | (metadata[column].astype(str).str.strip() == "")
     if blank.any():

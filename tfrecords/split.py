@@ -38,9 +38,13 @@ def split_by_lesion(metadata: pd.DataFrame, val_fraction: float = 0.15, test_fra
 
   n_folds, k_val, k_test = _fold_counts(val_fraction, test_fraction)
   folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+  # Folded in image_id order, so the split depends on the images, not on the table's row order
+  # (the Kaggle CSV and the ISIC challenge's ground truth list the same images differently).
+  order = np.argsort(metadata["image_id"].to_numpy(dtype=str), kind="stable")
+  ordered = metadata.iloc[order]
   fold_of_row = np.empty(len(metadata), dtype=np.int64)
-  for fold, (_, rows) in enumerate(folds.split(metadata, metadata["dx"], metadata["lesion_id"])):
-    fold_of_row[rows] = fold
+  for fold, (_, rows) in enumerate(folds.split(ordered, ordered["dx"], ordered["lesion_id"])):
+    fold_of_row[order[rows]] = fold
   split = np.where(fold_of_row < k_test, "test",
                    np.where(fold_of_row < k_test + k_val, "validation", "train"))
   split = pd.Series(split, index=metadata.index, name="split")

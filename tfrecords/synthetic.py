@@ -8,8 +8,15 @@ lesions photographed 1-6 times, HAM10000's class imbalance (with a floor so
 every class lands in every split at small N), a few missing ages, and a visual
 class signal (colour, size, border) that a CNN can learn.
 
+The ISIC 2018 challenge layouts hold the same images as the challenge ships
+them: `isic2018` the training part (input folder, one-hot ground truth, lesion
+groupings), `isic2018_zips` the same with the input folder and the ground
+truth zipped, `isic2018_test` a test part (no groupings; image ids from the
+real test set's first, ISIC_0034524, so they never meet the training ids).
+
   python -m tfrecords.synthetic --output_dir=/tmp/ham_synth --num_images=600
   python -m tfrecords.synthetic --output_dir=/tmp/cache --layout=kagglehub_cache
+  python -m tfrecords.synthetic --output_dir=/tmp/isic_test --layout=isic2018_test
 """
 
 import csv
@@ -57,16 +64,19 @@ CLASS_LOOKS = {
 }
 
 FLAGS = flags.FLAGS
+LAYOUTS = ["kaggle", "folder", "zips", "kagglehub_cache", "isic2018", "isic2018_zips", "isic2018_test"]
+FIRST_IMAGE_NUMBER = {"Training": 24306, "Test": 34524}  # the real sets' first ISIC_ ids
 
 
 def define_flags():
   flags.DEFINE_string("output_dir", None, "Where to write the dataset.", required=True)
   flags.DEFINE_integer("num_images", 600, "Number of images (≥ 200 so every class lands in every split).")
   flags.DEFINE_integer("seed", 0, "Random seed: the same seed writes the same dataset.")
-  flags.DEFINE_enum("layout", "kaggle", ["kaggle", "folder", "zips", "kagglehub_cache"],
+  flags.DEFINE_enum("layout", "kaggle", LAYOUTS,
                     "kaggle: the Kaggle copy's folders with lowercase twins; folder: the two "
                     "image folders and the CSV; zips: the two zip archives and the CSV; "
-                    "kagglehub_cache: the kaggle layout inside a KAGGLEHUB_CACHE folder.")
+                    "kagglehub_cache: the kaggle layout inside a KAGGLEHUB_CACHE folder; "
+                    "isic2018, isic2018_zips, isic2018_test: the ISIC 2018 challenge's.")
   flags.DEFINE_integer("kaggle_version", 2, "Dataset version for --layout=kagglehub_cache.")
   flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes that render images.")
@@ -84,7 +94,7 @@ def class_image_counts(num_images: int) -> dict[str, int]:
   return counts
 
 
-def make_metadata(num_images: int, seed: int) -> list[dict]:
+def make_metadata(num_images: int, seed: int, first_image: int = FIRST_IMAGE_NUMBER["Training"]) -> list[dict]:
   """Rows of HAM10000_metadata.csv, plus the private `_look` seed of each lesion."""
   rng = np.random.default_rng(seed)
   rows = []
@@ -109,7 +119,7 @@ def make_metadata(num_images: int, seed: int) -> list[dict]:
   order = rng.permutation(len(rows))
   rows = [rows[i] for i in order]
   for number, row in enumerate(rows):
-    row["image_id"] = f"ISIC_{24306 + number:07d}"
+    row["image_id"] = f"ISIC_{first_image + number:07d}"
   # HAM10000 misses 57 of 10,015 ages; keep at least two missing at any size.
   for i in rng.choice(len(rows), size=max(2, len(rows) * 57 // 10015), replace=False):
     rows[i]["age"] = float("nan")
@@ -173,22 +183,17 @@ def kagglehub_cache_dataset_dir(cache_dir: str, version: int) -> str:
 def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout: str = "kaggle",
                   kaggle_version: int = 2, jpeg_quality: int = 95, workers: int = 1) -> str:
   """Writes the dataset and returns the folder that holds the metadata CSV."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: one of {', '.join(LAYOUTS)}")
+  if layout.startswith("isic2018"):
+    return write_isic_dataset(output_dir, num_images, seed, layout, jpeg_quality, workers)
   root = output_dir
   if layout == "kagglehub_cache":
     root = kagglehub_cache_dataset_dir(output_dir, kaggle_version)
-  os.makedirs(root, exist_ok=True)
   rows = make_metadata(num_images, seed)
   half = (len(rows) + 1) // 2
-  jobs = []
-  for folder in sources.IMAGE_FOLDERS:
-    os.makedirs(os.path.join(root, folder), exist_ok=True)
-  for number, row in enumerate(rows):
-    folder = sources.IMAGE_FOLDERS[number >= half]
-    jobs.append((row, os.path.join(root, folder, row["image_id"] + ".jpg"), jpeg_quality))
-  with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
-    for done, _ in enumerate(pool.imap_unordered(_render_to_file, jobs, chunksize=8), 1):
-      if done % 200 == 0 or done == len(jobs):
-        logging.info("rendered %d/%d images", done, len(jobs))
+  _render(rows, [os.path.join(root, sources.IMAGE_FOLDERS[n >= half]) for n in range(len(rows))],
+          jpeg_quality, workers)
   write_metadata(rows, os.path.join(root, sources.METADATA_FILE))
 
   if layout in ("kaggle", "kagglehub_cache"):
@@ -207,6 +212,52 @@ def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout:
     marker = os.path.join(output_dir, "datasets", *sources.KAGGLE_HANDLE.split("/"), f"{kaggle_version}.complete")
     open(marker, "w").close()
   return root
+
+
+def _render(rows: list[dict], folders: list[str], jpeg_quality: int, workers: int):
+  """Renders row i into folders[i]/{image_id}.jpg, in parallel."""
+  for folder in set(folders):
+    os.makedirs(folder, exist_ok=True)
+  jobs = [(row, os.path.join(folder, row["image_id"] + ".jpg"), jpeg_quality)
+          for row, folder in zip(rows, folders)]
+  with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
+    for done, _ in enumerate(pool.imap_unordered(_render_to_file, jobs, chunksize=8), 1):
+      if done % 200 == 0 or done == len(jobs):
+        logging.info("rendered %d/%d images", done, len(jobs))
+
+
+def write_isic_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout: str = "isic2018",
+                       jpeg_quality: int = 95, workers: int = 1) -> str:
+  """The ISIC 2018 Task 3 layout (module docstring); the same seed gives the same images as
+  the Kaggle layouts (for the training part)."""
+  part = "Test" if layout == "isic2018_test" else "Training"
+  rows = make_metadata(num_images, seed, FIRST_IMAGE_NUMBER[part])
+  inputs = os.path.join(output_dir, sources.isic_input_folder(part))
+  _render(rows, [inputs] * len(rows), jpeg_quality, workers)
+  # The challenge's ground truth is sorted by image, with one-hot floats.
+  truth = os.path.join(output_dir, sources.isic_ground_truth_file(part))
+  with open(truth, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(("image",) + sources.ISIC_CLASSES)
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+      writer.writerow([row["image_id"]] + [f"{float(c.lower() == row['dx']):.1f}" for c in sources.ISIC_CLASSES])
+  if part == "Training":
+    words = {dx_type: words for words, dx_type in sources.DIAGNOSIS_CONFIRM_TYPES.items()}
+    with open(os.path.join(output_dir, sources.isic_groupings_file(part)), "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(("image", "lesion_id", "diagnosis_confirm_type"))
+      for row in sorted(rows, key=lambda r: r["image_id"]):
+        writer.writerow((row["image_id"], row["lesion_id"], words[row["dx_type"]]))
+  if layout == "isic2018_zips":  # as the challenge site serves them: a folder inside each zip
+    for path, is_folder in ((inputs, True), (truth, False)):
+      stem = os.path.splitext(path)[0] if not is_folder else path
+      with zipfile.ZipFile(stem + ".zip", "w", zipfile.ZIP_STORED) as archive:
+        folder = os.path.basename(stem)
+        names = sorted(os.listdir(path)) if is_folder else [os.path.basename(path)]
+        for name in names:
+          archive.write(os.path.join(path, name) if is_folder else path, f"{folder}/{name}")
+      shutil.rmtree(path) if is_folder else os.remove(path)
+  return output_dir
 
 
 def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed: int = 0,
