@@ -58,7 +58,7 @@ def main(argv):
           image_size=FLAGS.image_size, global_batch_size=batch, lr_scaling=scaling,
           base_batch_size=FLAGS.small_batch, stage1_lr=FLAGS.stage1_lr, stage1_epochs=FLAGS.stage1_epochs,
           stage2_epochs=FLAGS.stage2_epochs, mixed_precision="off", jit_compile="off",
-          strategy="one_device", seed=seed, evaluate=False)
+          strategy="one_device", seed=seed, evaluate=False, serving=False)
       train.train_and_evaluate(cfg)
       scores.append(validation_balanced_accuracy(cfg.model_dir, shards_dir, FLAGS.image_size))
       logging.info("batch %d, %s scaling, seed %d: validation balanced accuracy %.3f", batch, scaling,

@@ -50,12 +50,20 @@ class TrainConfig:
   verify_shards: bool = True
   run_eagerly: bool = False
   evaluate: bool = True
+  serving: bool = True
   export_dir: str | None = None
   overwrite: bool = False
 
   @property
   def checkpoint_root(self) -> str:
     return self.checkpoint_dir or self.model_dir
+
+  @property
+  def serving_dir(self) -> str | None:
+    """Where the serving SavedModel goes at the end of training (None: not written)."""
+    if not self.serving:
+      return None
+    return self.export_dir or artifacts.path(self.model_dir, artifacts.SERVING_DIR)
 
   @property
   def logs_dir(self) -> str:
@@ -117,8 +125,10 @@ def define_flags():
                     "sets, and a damaged shard is then named only when training reads it.")
   flags.DEFINE_bool("run_eagerly", d("run_eagerly"), "Run the model eagerly (slow; for debugging).")
   flags.DEFINE_bool("evaluate", d("evaluate"), "Evaluate the best model on the test split at the end.")
-  flags.DEFINE_string("export_dir", d("export_dir"), "Also write a serving SavedModel (JPEG bytes in, "
-                      "calibrated probabilities out) here at the end.")
+  flags.DEFINE_bool("serving", d("serving"), "At the end, write the serving SavedModel (JPEG bytes in, "
+                    "calibrated probabilities out), ready to upload to Vertex AI; --noserving skips it.")
+  flags.DEFINE_string("export_dir", d("export_dir"), "Where the serving SavedModel goes (default: "
+                      "--model_dir/serving, i.e. $AIP_MODEL_DIR/serving on Vertex AI).")
   flags.DEFINE_bool("overwrite", d("overwrite"), "Clear another run's state in --model_dir (and "
                     "--checkpoint_dir) instead of stopping.")
 

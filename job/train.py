@@ -323,8 +323,9 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   if cfg.evaluate and chief:
     metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
                                     take=take_eval)
-  if cfg.export_dir and chief:
-    predict.export_serving(predict.load_for_inference(model_dir), cfg.export_dir)
+  if cfg.serving_dir and chief:
+    predict.export_serving(predict.load_for_inference(model_dir), cfg.serving_dir)
+    logging.info("serving SavedModel (image_bytes in, calibrated probabilities out) in %s", cfg.serving_dir)
   logging.info("artifacts in %s", cfg.model_dir)
   return metrics
 

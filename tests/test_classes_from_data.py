@@ -61,7 +61,7 @@ def three_class_run(three_class_shards, tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("three_class_run"))
   cfg = config_lib.TrainConfig(data_dir=three_class_shards, model_dir=model_dir, weights="none",
                                image_size=32, global_batch_size=8, stage1_epochs=1, stage2_epochs=0,
-                               stage1_lr=1e-3, mixed_precision="off", strategy="one_device")
+                               stage1_lr=1e-3, mixed_precision="off", strategy="one_device", serving=False)
   return train.train_and_evaluate(cfg), model_dir
 
 

@@ -9,15 +9,17 @@ google-cloud-storage client, independently of TensorFlow.
 import concurrent.futures
 import json
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from helpers import run_module
+from helpers import NUM_IMAGES, run_module
 from gcs_emulator import GcsEmulator
-from tfrecords import features
+from tfrecords import features, synthetic
 
 TRAIN_FLAGS = ["--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1",
                "--stage2_epochs=1", "--debug", "--strategy=one_device"]
@@ -88,7 +90,7 @@ def test_training_writes_every_artifact_to_gcs(trained_on_gcs, bucket):
   written = names(bucket, "runs/one/")
   for name in ("best_model.keras", "best_model.json", "label_map.json", "history.csv", "run_config.json",
                "metrics.json", "predictions.csv", "calibration.json", "confusion_matrix.png",
-               "checkpoints/stage1.json", "checkpoints/stage2.weights.h5"):
+               "checkpoints/stage1.json", "checkpoints/stage2.weights.h5", "serving/saved_model.pb"):
     assert name in written, name
   assert any(name.startswith("logs/") and "tfevents" in name for name in written)
   history = pd.read_csv(bucket.blob("runs/one/history.csv").open("r"))
@@ -138,3 +140,41 @@ def test_the_model_dir_lease_on_gcs_is_exclusive(bucket, gcs):
   assert bucket.get_blob("leased/.lease.json") is None
   second = run_state.Lease(model_dir, {"run": 1}).acquire()
   second.release()
+
+
+def test_tfds_reads_the_shards_on_gcs(shards_on_gcs, gcs, bucket):
+  assert {"dataset_info.json", "features.json"} <= names(bucket, "shards/")
+  manifest = json.loads(bucket.blob("shards/manifest.json").download_as_bytes())
+  script = ("import json, sys, tensorflow_datasets as tfds\n"
+            "builder = tfds.builder_from_directory(sys.argv[1])\n"
+            "example = next(iter(builder.as_dataset(split='test')))\n"
+            "print(json.dumps({'splits': {n: s.num_examples for n, s in builder.info.splits.items()},\n"
+            "                  'shape': example['image']['encoded'].shape.as_list(),\n"
+            "                  'id': example['image']['source_id'].numpy().decode()}))\n")
+  result = subprocess.run([sys.executable, "-c", script, shards_on_gcs], capture_output=True, text=True,
+                          env={**os.environ, **gcs.env}, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  read = json.loads(result.stdout.strip().splitlines()[-1])
+  assert read["splits"] == {name: split["num_examples"] for name, split in manifest["splits"].items()}
+  assert read["shape"] == [450, 600, 3]
+  split = pd.read_csv(bucket.blob("shards/split.csv").open("r")).set_index("image_id")["split"]
+  assert split[read["id"]] == "test"
+
+
+def test_isic_zip_archives_on_gcs_convert_to_the_kaggle_copys_split(shards_on_gcs, gcs, bucket, tmp_path):
+  """The ISIC challenge's zips, read from gs:// (copied locally once), split as the Kaggle copy
+  of the same images is."""
+  root = synthetic.write_dataset(str(tmp_path / "isic"), num_images=NUM_IMAGES, seed=1, layout="isic2018_zips",
+                                 workers=2)
+  for name in os.listdir(root):
+    bucket.blob(f"isic/{name}").upload_from_filename(os.path.join(root, name))
+  output = gcs.url("isic_shards")
+  run_module("tfrecords.convert", f"--source={gcs.url('isic')}", f"--output_dir={output}", "--workers=2",
+             "--num_train_shards=2", "--num_eval_shards=1", env=gcs.env)
+  manifest = json.loads(bucket.blob("isic_shards/manifest.json").download_as_bytes())
+  assert manifest["layout"] == "isic2018:Training"
+
+  def split_of(prefix):
+    return pd.read_csv(bucket.blob(f"{prefix}/split.csv").open("r")).set_index("image_id").sort_index()
+
+  assert split_of("isic_shards").equals(split_of("shards"))

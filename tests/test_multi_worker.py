@@ -60,7 +60,7 @@ def test_two_workers_train_both_stages_and_only_the_chief_writes(shards_dir, tmp
   # --debug validates on 32 images: at a global batch of 20 the last batch is padded, and the
   # second worker's half of it holds 2 images and 8 rows of padding.
   command = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
-             "--weights=none", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1", "--debug"]
+             "--weights=none", "--noserving", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1", "--debug"]
   # Stage 1 alone, then a rerun that must skip it on both workers (the chief's marker),
   # else they would train different stages and their collectives would not match.
   for code, output in run_workers(command + ["--stage2_epochs=0", "--noevaluate"], tmp_path / "first",
@@ -91,7 +91,7 @@ def test_two_workers_with_fewer_train_shards_than_workers(source, tmp_path):
                                                      num_eval_shards=1, image_size=32), workers=1)
   model_dir = tmp_path / "model"
   command = [sys.executable, "-m", "job.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-             "--weights=none", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1",
+             "--weights=none", "--noserving", "--image_size=32", "--global_batch_size=20", "--stage1_epochs=1",
              "--stage2_epochs=0", "--noevaluate", "--cache=disk"]
   for code, output in run_workers(command, tmp_path):
     assert code == 0, output[-5000:]

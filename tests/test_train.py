@@ -14,47 +14,18 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from helpers import REPO, run_module, wait_until
-from job import config as config_lib, keras_compat, model as model_lib, predict, train
+from helpers import REPO, copy_tree, run_module, wait_until
+from job import keras_compat, predict, train
 from tfrecords import features
 
 SEED_EXAMPLE = os.path.join(os.path.dirname(__file__), "seed_inference_example.py")
-
-
-def copy_tree(src, dst):
-  for directory, _, files in tf.io.gfile.walk(src):
-    relative = directory[len(src):].lstrip("/")
-    tf.io.gfile.makedirs(os.path.join(dst, relative))
-    for name in files:
-      tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", os.path.join(dst, relative, name), overwrite=True)
-
-
-@pytest.fixture(scope="session")
-def weights_file(tmp_path_factory):
-  """A ResNet-50 no-top weights file made here (ImageNet's cannot be downloaded offline)."""
-  path = str(tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5")
-  keras.utils.set_random_seed(7)
-  model_lib.build_backbone("none").save_weights(path)
-  return path
-
-
-@pytest.fixture(scope="session")
-def trained_run(shards_dir, weights_file, tmp_path_factory):
-  """One small run of both stages with every artifact written to ram://, then copied out."""
-  cfg = config_lib.TrainConfig(data_dir=shards_dir, model_dir="ram://trained_run", weights=weights_file,
-                               image_size=32, global_batch_size=16, stage1_epochs=2, stage2_epochs=1,
-                               stage1_lr=1e-3, mixed_precision="off", strategy="one_device")
-  metrics = train.train_and_evaluate(cfg)
-  local = str(tmp_path_factory.mktemp("trained_run"))
-  copy_tree("ram://trained_run", local)
-  return metrics, local
 
 
 def test_artifacts_are_written_to_a_non_local_model_dir(trained_run):
   _, run_dir = trained_run
   for name in ("best_model.keras", "label_map.json", "history.csv", "run_config.json", "metrics.json",
                "predictions.csv", "calibration.json", "confusion_matrix.png", "training_curves.png",
-               "reliability_diagram.png", "checkpoints/stage1.json", "checkpoints/stage2.json"):
+               "reliability_diagram.png", "checkpoints/stage1.json", "checkpoints/stage2.json", "serving/saved_model.pb"):
     assert os.path.exists(os.path.join(run_dir, name)), name
   assert any("events.out.tfevents" in f for _, _, files in os.walk(os.path.join(run_dir, "logs"))
              for f in files)
@@ -227,13 +198,13 @@ def test_predict_names_unreadable_files_and_predicts_the_rest(trained_run, synth
                      same.loc["as_png.PNG", [f"p_{c}" for c in features.CLASS_NAMES]].astype(float), atol=1e-3)
 
 
-def test_serving_export_round_trip(trained_run, synthetic_dir, tmp_path):
+def test_training_writes_a_serving_model_that_answers_jpeg_bytes(trained_run, synthetic_dir):
+  """The run's serving/ SavedModel, written at the end of training without a flag: what a
+  `{"image_bytes": {"b64": ...}}` request hands it once TF Serving has decoded the base64."""
   _, run_dir = trained_run
   inference = predict.load_for_inference(run_dir)
-  export_dir = str(tmp_path / "serving")
-  predict.export_serving(inference, export_dir)
   image = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
-  serving = tf.saved_model.load(export_dir).signatures["serving_default"]
+  serving = tf.saved_model.load(os.path.join(run_dir, "serving")).signatures["serving_default"]
   assert list(serving.structured_input_signature[1]) == ["image_bytes"]
   out = serving(image_bytes=tf.constant([open(image, "rb").read()] * 2))
   expected, _ = predict.predict_files(inference, [image])
@@ -248,7 +219,7 @@ def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   model_dir = tmp_path / "mirrored"
   # --debug validates on 32 images: at a global batch of 30 the last batch holds two images,
   # fewer than the three replicas (one would get an empty batch without the padding).
-  run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored",
+  run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored", "--noserving",
              "--cpu_devices=3", "--weights=none", "--image_size=32", "--global_batch_size=30",
              "--stage1_epochs=1", "--stage2_epochs=1", "--debug")
   config = json.load(open(model_dir / "run_config.json"))
@@ -275,7 +246,7 @@ def _backup_reached(backup_dir, epoch, mid_epoch=False):
 def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
   model_dir = tmp_path / "resumed"
   args = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
-          "--weights=none", "--image_size=32", "--global_batch_size=8", "--stage1_epochs=2",
+          "--weights=none", "--noserving", "--image_size=32", "--global_batch_size=8", "--stage1_epochs=2",
           "--stage2_epochs=2", "--strategy=one_device", "--noevaluate", "--backup_steps=5"]
   history = model_dir / "history.csv"
 

@@ -99,7 +99,7 @@ def test_training_step_compiles_under_xla_in_the_tpu_configuration(shards_dir, t
   model_dir = tmp_path / "xla"
   result = run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
                       "--strategy=one_device", "--jit_compile=on", "--mixed_precision=bfloat16",
-                      "--steps_per_execution=2", "--weights=none", "--image_size=32",
+                      "--steps_per_execution=2", "--weights=none", "--noserving", "--image_size=32",
                       "--global_batch_size=16", "--stage1_epochs=1", "--stage2_epochs=1", "--debug",
                       "--noevaluate", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
   log = result.stdout + result.stderr
