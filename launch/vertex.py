@@ -4,14 +4,26 @@ r"""Submits the training job to Vertex AI as a CustomJob.
       --image_uri=us-docker.pkg.dev/P/ham/trainer:latest \
       --data_dir=gs://B/ham10000/shards --model_dir=gs://B/runs/r1 \
       --machine_type=a2-highgpu-1g --accelerator_type=NVIDIA_TESLA_A100 --accelerator_count=1 \
-      [--replica_count=2] [--spot] [--dry_run] -- --stage1_epochs=10 --global_batch_size=64
+      [--replica_count=2] [--spot] [--dry_run [--output=job.json]] -- --stage1_epochs=10
+  python -m launch.vertex ... --tune --max_trials=20 --parallel_trials=4
 
 Everything after `--` goes to `python -m job.train` unchanged. `--model_dir`
 becomes the job's base output directory, so Vertex AI sets AIP_MODEL_DIR,
-AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR below it and the job uses them.
+AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR below it (`model/`,
+`checkpoints/`, `logs/`) and the job uses them. Paths may be given as gs://
+or as Vertex's Cloud Storage FUSE mount (/gcs/BUCKET/...): the same objects.
 `--replica_count` counts every machine, the chief included; all pools get the
-same machine (MultiWorkerMirroredStrategy needs identical workers).
-`--dry_run` prints the CustomJob as Vertex's REST API JSON and calls nothing.
+same machine (MultiWorkerMirroredStrategy needs identical workers), and a
+restarted worker restarts the whole job (its collectives cannot resume alone).
+`--tune` submits a HyperparameterTuningJob whose trials are this CustomJob
+(TUNED_PARAMETERS, maximising the job's --monitor as its HypertuneReporter
+reports it). `--dry_run` prints the job as Vertex's REST API JSON and calls
+nothing; `--output` writes it to a file, which the REST API takes as it is:
+
+  curl -X POST -H "Authorization: Bearer $(gcloud auth print-access-token)" \
+      -H "Content-Type: application/json" -d @job.json \
+      https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/REGION/customJobs
+  (hyperparameterTuningJobs for --tune)
 """
 
 import json
@@ -20,7 +32,7 @@ import time
 
 from absl import flags
 
-from tfrecords import cli
+from tfrecords import cli, fileio
 
 FLAGS = flags.FLAGS
 
@@ -41,7 +53,25 @@ def define_flags():
   flags.DEFINE_string("service_account", None, "Service account the job runs as.")
   flags.DEFINE_string("tensorboard", None, "Vertex AI TensorBoard resource name for the logs.")
   flags.DEFINE_string("display_name", None, "Job name (default: ham10000-resnet50-TIMESTAMP).")
-  flags.DEFINE_bool("dry_run", False, "Print the CustomJob as JSON and submit nothing.")
+  flags.DEFINE_bool("dry_run", False, "Print the job as REST JSON and submit nothing.")
+  flags.DEFINE_string("output", None, "With --dry_run: write the JSON to this file (the request body "
+                      "of the REST API's customJobs or hyperparameterTuningJobs create).")
+  flags.DEFINE_bool("tune", False, "Submit a HyperparameterTuningJob over TUNED_PARAMETERS instead.")
+  flags.DEFINE_integer("max_trials", 20, "With --tune: trials in all.")
+  flags.DEFINE_integer("parallel_trials", 4, "With --tune: trials at a time.")
+  flags.DEFINE_bool("wait", False, "Follow the job until it ends, printing each state change; exit 1 "
+                    "unless it succeeded.")
+  flags.DEFINE_integer("poll_seconds", 60, "With --wait: seconds between state checks.")
+
+
+# What --tune searches: the two stages' learning rates (at --base_batch_size; the job scales
+# them to the global batch) on a log scale, and how deep stage 2 fine-tunes.
+TUNED_PARAMETERS = (
+    ("stage1_lr", "double", 1e-5, 1e-3, "UNIT_LOG_SCALE"),
+    ("stage2_lr", "double", 1e-6, 1e-4, "UNIT_LOG_SCALE"),
+    ("fine_tune_layers", "integer", 10, 150, "UNIT_LINEAR_SCALE"),
+)
+DEFAULT_MONITOR = "val_f1"  # job.config's default
 
 
 TPU_MACHINE_PREFIXES = ("ct", "cloud-tpu")
@@ -125,8 +155,15 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
                                    container_spec=container))
   spec = v1.CustomJobSpec(worker_pool_specs=pools,
                           base_output_directory=v1.GcsDestination(output_uri_prefix=model_dir))
-  if spot:
-    spec.scheduling = v1.Scheduling(strategy=v1.Scheduling.Strategy.SPOT, restart_job_on_worker_restart=True)
+  if spot or replica_count > 1:
+    # Several machines: one restarted worker cannot rejoin the others' collectives, so the
+    # whole job restarts (and resumes from its backups).
+    spec.scheduling = v1.Scheduling(restart_job_on_worker_restart=replica_count > 1)
+    if spot:
+      spec.scheduling.strategy = v1.Scheduling.Strategy.SPOT
+  if tensorboard and not service_account:
+    raise cli.UserError(f"--tensorboard={tensorboard} needs --service_account: Vertex AI writes to a "
+                        "TensorBoard only as a service account that may")
   if service_account:
     spec.service_account = service_account
   if tensorboard:
@@ -134,7 +171,94 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   return v1.CustomJob(display_name=display_name, job_spec=spec)
 
 
-def custom_job_json(job) -> dict:
+def monitor_of(passthrough: list[str]) -> str:
+  """The --monitor the trainer gets (its default unless the passthrough sets it)."""
+  monitor = DEFAULT_MONITOR
+  for index, arg in enumerate(passthrough):
+    if arg.startswith("--monitor="):
+      monitor = arg.split("=", 1)[1]
+    elif arg == "--monitor" and index + 1 < len(passthrough):
+      monitor = passthrough[index + 1]
+  return monitor
+
+
+def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_trials: int):
+  """The HyperparameterTuningJob whose every trial runs `custom_job`'s spec with TUNED_PARAMETERS
+  appended to the trainer's arguments; the metric is what the job's HypertuneReporter reports."""
+  from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
+  if not 1 <= parallel_trials <= max_trials:
+    raise cli.UserError(f"--parallel_trials={parallel_trials} must be between 1 and --max_trials={max_trials}")
+  study = v1.StudySpec
+  parameters = []
+  for name, kind, low, high, scale in TUNED_PARAMETERS:
+    parameter = study.ParameterSpec(parameter_id=name, scale_type=study.ParameterSpec.ScaleType[scale])
+    if kind == "double":
+      parameter.double_value_spec = study.ParameterSpec.DoubleValueSpec(min_value=low, max_value=high)
+    else:
+      parameter.integer_value_spec = study.ParameterSpec.IntegerValueSpec(min_value=low, max_value=high)
+    parameters.append(parameter)
+  goal = study.MetricSpec.GoalType.MINIMIZE if monitor.endswith("loss") else study.MetricSpec.GoalType.MAXIMIZE
+  study_spec = study(metrics=[study.MetricSpec(metric_id=monitor, goal=goal)], parameters=parameters,
+                     # The job keeps its best epoch's model: a trial is worth its best epoch.
+                     measurement_selection_type=study.MeasurementSelectionType.BEST_MEASUREMENT)
+  return v1.HyperparameterTuningJob(display_name=custom_job.display_name, study_spec=study_spec,
+                                    max_trial_count=max_trials, parallel_trial_count=parallel_trials,
+                                    trial_job_spec=custom_job.job_spec)
+
+
+FINAL_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
+                "JOB_STATE_PARTIALLY_SUCCEEDED")
+
+
+def console_link(name: str, region: str, project: str, tuning: bool) -> str:
+  kind = "training/hyperparameter-tuning-jobs" if tuning else "training"
+  return (f"https://console.cloud.google.com/vertex-ai/locations/{region}/{kind}/"
+          f"{name.rsplit('/', 1)[-1]}?project={project}")
+
+
+def submit(client, job, project: str, region: str, wait: bool = False, poll_seconds: float = 60,
+           sleep=time.sleep):
+  """Creates the job (a CustomJob or HyperparameterTuningJob) with `client` (an aiplatform_v1
+  JobServiceClient); with `wait`, follows it to its end. Returns the last state of the job."""
+  tuning = type(job).__name__ == "HyperparameterTuningJob"
+  parent = f"projects/{project}/locations/{region}"
+  if tuning:
+    created = client.create_hyperparameter_tuning_job(parent=parent, hyperparameter_tuning_job=job)
+    get = client.get_hyperparameter_tuning_job
+  else:
+    created = client.create_custom_job(parent=parent, custom_job=job)
+    get = client.get_custom_job
+  print(created.name)
+  print(console_link(created.name, region, project, tuning), file=sys.stderr, flush=True)
+  if not wait:
+    return created
+  current, state = created, None
+  while True:
+    if current.state.name != state:
+      state = current.state.name
+      print(f"{time.strftime('%H:%M:%S')} {state}", file=sys.stderr, flush=True)
+    if state in FINAL_STATES:
+      break
+    sleep(poll_seconds)
+    current = get(name=created.name)
+  if state != "JOB_STATE_SUCCEEDED":
+    reason = f": {current.error.message}" if current.error.message else ""
+    raise cli.UserError(f"{created.name} ended {state}{reason} (logs: "
+                        f"{console_link(created.name, region, project, tuning)})")
+  return current
+
+
+def gcs_path(flag: str, value: str) -> str:
+  """`value` as a gs:// URI: Vertex mounts gs://BUCKET/… at /gcs/BUCKET/… (Cloud Storage FUSE)."""
+  if value.startswith("/gcs/") and len(value) > len("/gcs/"):
+    return "gs://" + value[len("/gcs/"):]
+  if not value.startswith("gs://"):
+    raise cli.UserError(f"--{flag}={value}: Vertex AI jobs read and write Cloud Storage: give gs://BUCKET/… "
+                        "(or /gcs/BUCKET/…)")
+  return value
+
+
+def job_json(job) -> dict:
   # The REST API's field names (camelCase), enum names, and only the fields that are set.
   return json.loads(type(job).to_json(job, use_integers_for_enums=False,
                                       always_print_fields_with_no_presence=False))
@@ -145,25 +269,29 @@ def main(argv):
   for name in ("image_uri", "data_dir", "model_dir") + (() if FLAGS.dry_run else ("project",)):
     if not FLAGS[name].value:
       raise cli.UserError(f"--{name} is required")
-  for name in ("data_dir", "model_dir"):
-    if not FLAGS[name].value.startswith("gs://"):
-      raise cli.UserError(f"--{name}={FLAGS[name].value}: Vertex AI jobs read and write gs:// paths")
+  if FLAGS.output and not FLAGS.dry_run:
+    raise cli.UserError("--output writes the job's JSON instead of submitting it: add --dry_run")
+  data_dir, model_dir = gcs_path("data_dir", FLAGS.data_dir), gcs_path("model_dir", FLAGS.model_dir)
   job = build_custom_job(
       display_name=FLAGS.display_name or f"ham10000-resnet50-{time.strftime('%Y%m%d-%H%M%S')}",
-      image_uri=FLAGS.image_uri, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
+      image_uri=FLAGS.image_uri, data_dir=data_dir, model_dir=model_dir,
       machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
       accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
       service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough)
+  if FLAGS.tune:
+    job = build_tuning_job(job, monitor=monitor_of(passthrough), max_trials=FLAGS.max_trials,
+                           parallel_trials=FLAGS.parallel_trials)
   if FLAGS.dry_run:
-    print(json.dumps(custom_job_json(job), indent=2))
+    text = json.dumps(job_json(job), indent=2)
+    if FLAGS.output:
+      fileio.write_atomic(FLAGS.output, text + "\n")
+      print(FLAGS.output)
+    else:
+      print(text)
     return
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   client = v1.JobServiceClient(client_options={"api_endpoint": f"{FLAGS.region}-aiplatform.googleapis.com"})
-  created = client.create_custom_job(parent=f"projects/{FLAGS.project}/locations/{FLAGS.region}",
-                                     custom_job=job)
-  print(created.name)
-  print(f"https://console.cloud.google.com/vertex-ai/locations/{FLAGS.region}/training/"
-        f"{created.name.rsplit('/', 1)[-1]}?project={FLAGS.project}", file=sys.stderr)
+  submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
 
 
 if __name__ == "__main__":

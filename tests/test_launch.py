@@ -32,7 +32,106 @@ def test_vertex_dry_run_multi_node_gpu_spot():
   assert pools[0]["containerSpec"]["args"] == ["--data_dir=gs://b/shards", "--strategy=multi_worker",
                                                "--stage1_epochs=3"]
   assert spec["baseOutputDirectory"] == {"outputUriPrefix": "gs://b/runs/r1"}
-  assert spec["scheduling"]["strategy"] == "SPOT" and spec["serviceAccount"] == "sa@p.iam"
+  assert spec["scheduling"] == {"strategy": "SPOT", "restartJobOnWorkerRestart": True}
+  assert spec["serviceAccount"] == "sa@p.iam"
+  vertex_types().CustomJob.from_json(json.dumps(job))  # parses as the real message
+
+
+def vertex_types():
+  from google.cloud import aiplatform_v1
+  return aiplatform_v1
+
+
+def test_vertex_multi_node_restarts_the_whole_job_with_or_without_spot():
+  def scheduling(**kwargs):
+    return vertex.job_json(_custom_job(**kwargs))["jobSpec"].get("scheduling")
+
+  assert scheduling(replica_count=2) == {"restartJobOnWorkerRestart": True}
+  assert scheduling() is None
+  assert scheduling(spot=True) == {"strategy": "SPOT"}
+
+
+def test_vertex_accepts_cloud_storage_fuse_paths_and_writes_the_dry_run_to_a_file(tmp_path):
+  output = tmp_path / "job.json"
+  result = run_module("launch.vertex", "--dry_run", f"--output={output}", "--image_uri=x",
+                      "--data_dir=/gcs/b/shards", "--model_dir=/gcs/b/runs/r1")
+  assert result.stdout.strip() == str(output)
+  job = vertex_types().CustomJob.from_json(output.read_text())
+  assert job.job_spec.base_output_directory.output_uri_prefix == "gs://b/runs/r1"
+  assert list(job.job_spec.worker_pool_specs[0].container_spec.args) == ["--data_dir=gs://b/shards"]
+
+
+def test_vertex_tensorboard_needs_a_service_account():
+  result = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s", "--model_dir=gs://b/r",
+                      "--tensorboard=projects/p/locations/us-central1/tensorboards/1", check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: --tensorboard=projects/p/locations/us-central1/tensorboards/1 needs --service_account")
+
+
+@pytest.mark.parametrize("monitor, goal", [(None, "MAXIMIZE"), ("val_loss", "MINIMIZE")])
+def test_vertex_tuning_job_searches_the_learning_rates_for_the_jobs_monitor(monitor, goal):
+  passthrough = [f"--monitor={monitor}"] if monitor else []
+  custom = _custom_job(machine_type="g2-standard-8", accelerator_type="NVIDIA_L4", passthrough=passthrough)
+  job = vertex.job_json(vertex.build_tuning_job(custom, monitor=vertex.monitor_of(passthrough), max_trials=12,
+                                                parallel_trials=3))
+  vertex_types().HyperparameterTuningJob.from_json(json.dumps(job))
+  assert job["maxTrialCount"] == 12 and job["parallelTrialCount"] == 3
+  study = job["studySpec"]
+  assert study["metrics"] == [{"metricId": monitor or "val_f1", "goal": goal}]
+  assert study["measurementSelectionType"] == "BEST_MEASUREMENT"
+  parameters = {p["parameterId"]: p for p in study["parameters"]}
+  assert parameters["stage1_lr"]["scaleType"] == parameters["stage2_lr"]["scaleType"] == "UNIT_LOG_SCALE"
+  assert 0 < parameters["stage2_lr"]["doubleValueSpec"]["minValue"] < parameters["stage2_lr"]["doubleValueSpec"]["maxValue"]
+  assert "integerValueSpec" in parameters["fine_tune_layers"]
+  pool = job["trialJobSpec"]["workerPoolSpecs"][0]
+  assert pool["machineSpec"]["acceleratorType"] == "NVIDIA_L4"
+  assert pool["containerSpec"]["args"] == ["--data_dir=gs://b/s", *passthrough]
+
+
+def _custom_job(**kwargs):
+  settings = dict(display_name="t", image_uri="x", data_dir="gs://b/s", model_dir="gs://b/r",
+                  machine_type="n1-standard-8", accelerator_type=None, accelerator_count=0, replica_count=1,
+                  spot=False, service_account=None, tensorboard=None, passthrough=[])
+  return vertex.build_custom_job(**{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_vertex_submit_and_wait_follow_the_job_through_the_real_client(tune, capsys):
+  from vertex_stand_in import JobServiceStandIn
+  s = vertex_types().JobState
+  service = JobServiceStandIn([s.JOB_STATE_QUEUED, s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING,
+                               s.JOB_STATE_RUNNING, s.JOB_STATE_SUCCEEDED])
+  try:
+    job = _custom_job()
+    if tune:
+      job = vertex.build_tuning_job(job, monitor="val_f1", max_trials=4, parallel_trials=2)
+    done = vertex.submit(service.client(), job, "p", "us-central1", wait=True, poll_seconds=0,
+                         sleep=lambda _: None)
+  finally:
+    service.stop()
+  kind = "hyperparameterTuningJobs" if tune else "customJobs"
+  assert done.name == f"projects/p/locations/us-central1/{kind}/1000"
+  assert done.state == s.JOB_STATE_SUCCEEDED and service.gets == 4
+  assert type(service.created[0]).__name__ == type(job).__name__  # what was sent arrived whole
+  out, err = capsys.readouterr()
+  assert out.strip() == done.name
+  assert [line.split()[1] for line in err.splitlines()[1:]] == [
+      "JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]  # changes only
+  assert err.splitlines()[0].startswith("https://console.cloud.google.com/vertex-ai/locations/us-central1/")
+
+
+def test_vertex_wait_fails_when_the_job_fails(capsys):
+  from vertex_stand_in import JobServiceStandIn
+  s = vertex_types().JobState
+  service = JobServiceStandIn([s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING, s.JOB_STATE_FAILED])
+  try:
+    with pytest.raises(vertex.cli.UserError, match=r"customJobs/1000 ended JOB_STATE_FAILED: The replica "
+                       r"workerpool0-0 exited with a non-zero status of 1\. \(logs: https://"):
+      vertex.submit(service.client(), _custom_job(), "p", "us-central1", wait=True, poll_seconds=0,
+                    sleep=lambda _: None)
+  finally:
+    service.stop()
 
 
 def test_vertex_dry_run_single_gpu():
