@@ -1,5 +1,7 @@
 """Every command starts the same way: its flags under --help, user errors as one line."""
 
+import io
+import json
 import os
 
 import pytest
@@ -10,10 +12,10 @@ from helpers import run_module
 @pytest.mark.parametrize("module, own_flags", [
     ("tfrecords.convert", ["--source", "--output_dir", "--num_train_shards", "--traceback"]),
     ("job.train", ["--data_dir", "--global_batch_size", "--jit_compile", "--stage2_lr"]),
-    ("job.evaluate", ["--data_dir", "--model_dir", "--split"]),
-    ("job.predict", ["--model_dir", "--raw", "--export_dir"]),
+    ("job.evaluate", ["--data_dir", "--model_dir", "--split", "--output_dir"]),
+    ("job.predict", ["--model_dir", "--raw", "--export_dir", "--format"]),
     ("job.demo", ["--work_dir", "--num_images"]),
-    ("launch.vertex", ["--machine_type", "--replica_count", "--dry_run"]),
+    ("launch.vertex", ["--machine_type", "--replica_count", "--dry_run", "--tune", "--wait", "--output"]),
 ])
 def test_help_lists_the_commands_own_flags(module, own_flags):
   result = run_module(module, "--help", check=False)  # absl ends --help with exit status 1
@@ -74,3 +76,52 @@ def test_damaged_shards_are_named_before_training(shards_dir, tmp_path):
   assert "test-00000-of-00004.tfrecord is missing" in _one_line_error(
       run_module("job.train", *args, check=False))
   assert not (tmp_path / "run" / "run_config.json").exists()
+
+
+def _without_vertex(environ):
+  return {k: v for k, v in environ.items() if not k.startswith(("CLOUD_ML_", "AIP_"))}
+
+
+@pytest.mark.parametrize("vertex", [False, True])
+def test_logs_go_to_stdout_as_json_with_their_severity_on_vertex_only(vertex, synthetic_dir, shards_dir,
+                                                                        monkeypatch):
+  """A rerun of the session's conversion (it has nothing to do, and says so at INFO)."""
+  monkeypatch.setattr(os, "environ", _without_vertex(os.environ))
+  env = {"CLOUD_ML_JOB_ID": "123", "AIP_MODEL_DIR": "gs://b/model"} if vertex else {}
+  result = run_module("tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={shards_dir}",
+                      env=env)
+  out, err = result.stdout.strip().splitlines(), result.stderr.strip().splitlines()
+  assert out[-1] == os.path.join(shards_dir, "manifest.json")  # what the command prints stays plain
+  if vertex:
+    records = [json.loads(line) for line in out[:-1]]
+    assert {r["severity"] for r in records} == {"INFO"}
+    assert any("nothing to do" in r["message"] for r in records)
+    assert not [line for line in err if line.startswith(("I", "W")) and "]" in line[:40]]  # no absl lines
+  else:
+    assert out == out[-1:]
+    assert any(line.startswith("I") and "nothing to do" in line for line in err)
+
+
+def test_cloud_logging_routes_warnings_and_errors(monkeypatch):
+  import logging
+  import warnings
+  from absl import logging as absl_logging
+  from tfrecords import logs
+  root = logging.getLogger()
+  monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
+  monkeypatch.setattr(logging, "_warnings_showwarning", None)
+  out, err = io.StringIO(), io.StringIO()
+  logs.use_cloud_logging(out, err)
+  try:
+    absl_logging.info("one %d", 1)
+    with warnings.catch_warnings():
+      warnings.simplefilter("always")
+      warnings.warn("deprecated thing")
+    absl_logging.error("broken")
+  finally:
+    logging.captureWarnings(False)
+  records = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert [(r["severity"], r["logger"]) for r in records] == [("INFO", "absl"), ("WARNING", "py.warnings")]
+  assert records[0]["message"] == "one 1" and "UserWarning: deprecated thing" in records[1]["message"]
+  assert [json.loads(line)["severity"] for line in err.getvalue().splitlines()] == ["ERROR"]
+  assert logs.on_vertex({"CLOUD_ML_PROJECT_ID": "p"}) and not logs.on_vertex({"HOME": "/root"})

@@ -22,6 +22,8 @@ from typing import Callable
 
 from absl import app, flags
 
+from tfrecords import logs
+
 FLAGS = flags.FLAGS
 EXIT_USER_ERROR = 1
 
@@ -59,6 +61,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | No
   _list_in_help([name for name in FLAGS if name not in before])
 
   def guarded_main(argv):
+    logs.configure()  # on Vertex AI, records at their true severity (tfrecords/logs.py)
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
