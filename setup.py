@@ -12,25 +12,29 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["job", "job.*", "tfrecords", "tfrecords.*", "launch", "launch.*",
                                     "bench", "bench.*"]),
+    # What the converter and the trainer use at run time, and all the trainer image gets.
     install_requires=[
         "tensorflow==2.21.0",  # the version tested; the Dockerfile's base image matches it
         "keras>=3.15,<3.16",
-        "tensorflow-datasets>=4.9",
+        "tensorflow-datasets>=4.9",  # the TFDS metadata beside the shards (tfrecords/tfds_metadata.py)
         "tensorboard>=2.21",  # not installed with TensorFlow 2.21, needed by the TensorBoard callback
-        "google-cloud-storage>=2.10",
-        "kagglehub>=0.3",
+        "google-cloud-storage>=2.10",  # gs:// source listings with checksums; the model_dir lease
+        "kagglehub>=0.3",  # --source=kaggle
         "pandas>=2.0",
         "scikit-learn>=1.4",
         "absl-py>=2.0",
-        "matplotlib>=3.7",
-        "pillow>=10.0",
+        "matplotlib>=3.7",  # the evaluation's plots
+        "pillow>=10.0",  # the synthetic dataset (job.demo)
+        "cloudml-hypertune>=0.1.0.dev6",  # reports the monitored metric in a Vertex AI tuning trial
     ],
     extras_require={
-        "gcp": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6"],
-        # The launcher's tests build real CustomJob messages, and the tuning reporter writes
-        # real hypertune metric files. The gs:// tests run a local GCS emulator behind a TLS
-        # proxy with a throwaway CA (tests/gcs_emulator.py patches this emulator release).
-        "test": ["pytest>=8.0", "google-cloud-aiplatform>=1.60", "cloudml-hypertune>=0.1.0.dev6",
-                 "gcp-storage-emulator==2026.7.19", "trustme>=1.1"],
+        # The launchers (launch/): the Vertex AI client. Not in the trainer image.
+        "launch": ["google-cloud-aiplatform>=1.60"],
+        # The launcher's tests build real aiplatform_v1 messages and talk to a local gRPC
+        # stand-in. The gs:// tests run a local GCS emulator behind a TLS proxy with a
+        # throwaway CA (tests/gcs_emulator.py patches this emulator release). The official
+        # ISIC scorer needs pandas < 3: tests/test_interop.py installs it in its own environment.
+        "test": ["pytest>=8.0", "google-cloud-aiplatform>=1.60", "gcp-storage-emulator==2026.7.19",
+                 "trustme>=1.1"],
     },
 )

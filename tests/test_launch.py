@@ -228,7 +228,7 @@ def test_tpu_image_requirements_cover_setup_py_and_pin_an_existing_release():
   keras_pin = re.search(r'"keras([^"]+)"', setup_py).group(1)
   assert f"keras{keras_pin}" in tpu  # the Keras job/keras_compat.py is gated for
   dockerfile = open(os.path.join(REPO, "Dockerfile")).read()
-  assert "pip install --no-cache-dir -r requirements/tpu.txt" in dockerfile
+  assert "pip install --no-cache-dir -c requirements/constraints-tpu.txt -r requirements/tpu.txt" in dockerfile
   assert "/lib/libtpu.so" in dockerfile
 
 
@@ -246,3 +246,56 @@ def test_tpu_image_requirements_resolve_together(tmp_path):
   assert versions["tensorflow-tpu"] == "2.20.0" and versions["libtpu"] == "0.0.14"
   assert versions["tensorboard"].startswith("2.20.") and versions["keras"].startswith("3.15.")
   assert "tensorflow" not in versions  # the TPU build replaces it, never beside it
+
+
+# install_requires name → the module product code imports (tensorboard: Keras's TensorBoard
+# callback imports it, not our code).
+IMPORT_NAMES = {"tensorflow": "tensorflow", "keras": "keras", "tensorflow-datasets": "tensorflow_datasets",
+                "google-cloud-storage": "google.cloud import storage", "kagglehub": "kagglehub",
+                "pandas": "pandas", "scikit-learn": "sklearn", "absl-py": "absl", "matplotlib": "matplotlib",
+                "pillow": "PIL", "cloudml-hypertune": "hypertune"}
+
+
+def test_every_runtime_requirement_is_imported_by_product_code_and_the_sdk_is_not():
+  setup_py = open(os.path.join(REPO, "setup.py")).read()
+  runtime = _requirement_names(re.findall(r'"([^"]+)"', re.search(r"install_requires=\[(.*?)\]", setup_py,
+                                                                      re.S).group(1)))
+  assert runtime - {"tensorboard"} == set(IMPORT_NAMES)
+  product = "".join(open(os.path.join(REPO, package, name)).read() for package in ("job", "tfrecords")
+                    for name in os.listdir(os.path.join(REPO, package)) if name.endswith(".py"))
+  for requirement, module in IMPORT_NAMES.items():
+    assert re.search(rf"^\s*(import|from) {re.escape(module)}", product, re.M), requirement
+  assert "aiplatform" not in product  # the launchers' SDK stays out of the trainer image
+  result = subprocess.run([sys.executable, "-c", "import sys, job.train, job.predict, tfrecords.convert; "
+                           "print(sorted(m for m in sys.modules if 'aiplatform' in m))"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("variant, installs", [("gpu", "setup.py"), ("tpu", "requirements/tpu.txt"),
+                                                ("test", "setup.py")])
+def test_constraints_pin_every_package_each_install_needs(variant, installs):
+  pins = dict(line.strip().split("==") for line in open(os.path.join(REPO, "requirements",
+                                                                     f"constraints-{variant}.txt"))
+              if line.strip() and not line.startswith("#"))
+  text = open(os.path.join(REPO, installs)).read()
+  if installs == "setup.py":
+    text = re.search(r"install_requires=\[(.*?)\]", text, re.S).group(1) + (
+        re.search(r'"test": \[(.*?)\]', text, re.S).group(1) if variant == "test" else "")
+    needed = _requirement_names(re.findall(r'"([^"]+)"', text))
+  else:
+    needed = _requirement_names(text.splitlines())
+  assert needed <= set(pins), needed - set(pins)
+  if variant == "gpu":
+    pinned_tf = re.search(r'"tensorflow==([\d.]+)"', open(os.path.join(REPO, "setup.py")).read()).group(1)
+    assert pins["tensorflow"] == pinned_tf
+  used_by = open(os.path.join(REPO, ".ci", "run")).read() if variant == "test" else open(
+      os.path.join(REPO, "Dockerfile")).read()
+  assert f"-c requirements/constraints-{variant}.txt" in used_by
+
+
+def test_gpu_image_runs_as_an_unprivileged_user():
+  dockerfile = open(os.path.join(REPO, "Dockerfile")).read()
+  gpu_stage = dockerfile.split("FROM trainer AS final-gpu", 1)[1].split("FROM ", 1)[0]
+  assert re.search(r"^USER (\w+)", gpu_stage, re.M).group(1) not in ("root", "0")
+  assert dockerfile.strip().splitlines()[-2] == "FROM final-${VARIANT}"
