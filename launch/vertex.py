@@ -258,7 +258,7 @@ def gcs_path(flag: str, value: str) -> str:
   return value
 
 
-def job_json(job) -> dict:
+def rest_json(job) -> dict:
   # The REST API's field names (camelCase), enum names, and only the fields that are set.
   return json.loads(type(job).to_json(job, use_integers_for_enums=False,
                                       always_print_fields_with_no_presence=False))
@@ -282,7 +282,7 @@ def main(argv):
     job = build_tuning_job(job, monitor=monitor_of(passthrough), max_trials=FLAGS.max_trials,
                            parallel_trials=FLAGS.parallel_trials)
   if FLAGS.dry_run:
-    text = json.dumps(job_json(job), indent=2)
+    text = json.dumps(rest_json(job), indent=2)
     if FLAGS.output:
       fileio.write_atomic(FLAGS.output, text + "\n")
       print(FLAGS.output)

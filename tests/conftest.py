@@ -54,3 +54,10 @@ def trained_run(shards_dir, weights_file, tmp_path_factory):
   local = str(tmp_path_factory.mktemp("trained_run"))
   copy_tree("ram://trained_run", local)
   return metrics, local
+
+
+@pytest.fixture(scope="session")
+def tf215_python(request):
+  """TensorFlow 2.15, the newest of Vertex AI's pre-built prediction containers, on its own."""
+  from helpers import cached_venv
+  return cached_venv(request, "tensorflow-cpu-2.15", ["tensorflow-cpu==2.15.*"])

@@ -49,3 +49,16 @@ def copy_tree(src, dst):
     tf.io.gfile.makedirs(os.path.join(dst, relative))
     for name in files:
       tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", os.path.join(dst, relative, name), overwrite=True)
+
+
+def cached_venv(request, name: str, packages: list[str], system_site_packages: bool = False) -> str:
+  """The Python of a virtual environment with `packages`, made once and kept in pytest's cache
+  (for a tool whose requirements clash with the project's)."""
+  venv = str(request.config.cache.mkdir(name))
+  python = os.path.join(venv, "bin", "python")
+  if not os.path.exists(os.path.join(venv, "ready")):
+    subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []),
+                    "--clear", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True, timeout=1200)
+    open(os.path.join(venv, "ready"), "w").close()
+  return python

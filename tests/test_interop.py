@@ -5,14 +5,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow_datasets as tfds
 
-from helpers import NUM_IMAGES, copy_tree, run_module
+from helpers import NUM_IMAGES, cached_venv, copy_tree, run_module
 from tfrecords import convert, sources, split as split_lib, synthetic
 
 # The official scorer's newest release for Python 3.11 calls DataFrame.applymap, gone in
@@ -41,14 +40,8 @@ def isic_test_conversion(tmp_path_factory, shards_dir):
 
 @pytest.fixture(scope="session")
 def scorer_python(request):
-  """A Python with the official ISIC scorer and pandas 2, made once and kept in pytest's cache."""
-  venv = request.config.cache.mkdir("isic-challenge-scoring-5.6.0")
-  python = os.path.join(venv, "bin", "python")
-  if not os.path.exists(os.path.join(venv, "ready")):
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "pandas<3", SCORER], check=True)
-    open(os.path.join(venv, "ready"), "w").close()
-  return python
+  """A Python with the official ISIC scorer and pandas 2 (the project's other packages shared)."""
+  return cached_venv(request, "isic-challenge-scoring-5.6.0", ["pandas<3", SCORER], system_site_packages=True)
 
 
 def test_tfds_reads_every_split_of_a_conversion(shards_dir):

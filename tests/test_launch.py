@@ -11,7 +11,7 @@ import pytest
 
 from helpers import REPO, run_module
 from job import callbacks
-from launch import multi_gpu, vertex
+from launch import multi_gpu, upload_model, vertex
 
 
 def dry_run(*args):
@@ -44,7 +44,7 @@ def vertex_types():
 
 def test_vertex_multi_node_restarts_the_whole_job_with_or_without_spot():
   def scheduling(**kwargs):
-    return vertex.job_json(_custom_job(**kwargs))["jobSpec"].get("scheduling")
+    return vertex.rest_json(_custom_job(**kwargs))["jobSpec"].get("scheduling")
 
   assert scheduling(replica_count=2) == {"restartJobOnWorkerRestart": True}
   assert scheduling() is None
@@ -73,7 +73,7 @@ def test_vertex_tensorboard_needs_a_service_account():
 def test_vertex_tuning_job_searches_the_learning_rates_for_the_jobs_monitor(monitor, goal):
   passthrough = [f"--monitor={monitor}"] if monitor else []
   custom = _custom_job(machine_type="g2-standard-8", accelerator_type="NVIDIA_L4", passthrough=passthrough)
-  job = vertex.job_json(vertex.build_tuning_job(custom, monitor=vertex.monitor_of(passthrough), max_trials=12,
+  job = vertex.rest_json(vertex.build_tuning_job(custom, monitor=vertex.monitor_of(passthrough), max_trials=12,
                                                 parallel_trials=3))
   vertex_types().HyperparameterTuningJob.from_json(json.dumps(job))
   assert job["maxTrialCount"] == 12 and job["parallelTrialCount"] == 3
@@ -299,3 +299,53 @@ def test_gpu_image_runs_as_an_unprivileged_user():
   gpu_stage = dockerfile.split("FROM trainer AS final-gpu", 1)[1].split("FROM ", 1)[0]
   assert re.search(r"^USER (\w+)", gpu_stage, re.M).group(1) not in ("root", "0")
   assert dockerfile.strip().splitlines()[-2] == "FROM final-${VARIANT}"
+
+
+def test_upload_model_dry_run_is_a_model_on_the_prebuilt_container(tmp_path):
+  output = tmp_path / "model.json"
+  run_module("launch.upload_model", "--dry_run", f"--output={output}",
+             "--artifact_uri=/gcs/b/runs/r1/model/serving/", "--display_name=ham")
+  model = vertex_types().Model.from_json(output.read_text())
+  assert model.artifact_uri == "gs://b/runs/r1/model/serving" and model.display_name == "ham"
+  assert model.container_spec.image_uri == upload_model.DEFAULT_SERVING_IMAGE
+  custom = upload_model.build_model(display_name="ham", artifact_uri="gs://b/s",
+                                    serving_image="europe-docker.pkg.dev/p/r/tf-serving:2.21")
+  assert custom.container_spec.predict_route == "/v1/models/ham10000:predict"
+  assert custom.container_spec.health_route == "/v1/models/ham10000"
+  assert [p.container_port for p in custom.container_spec.ports] == [8501]
+
+
+def test_upload_model_waits_for_the_long_running_operation_through_the_real_client():
+  from vertex_stand_in import JobServiceStandIn
+  service = JobServiceStandIn()
+  try:
+    model = upload_model.build_model(display_name="ham", artifact_uri="gs://b/serving",
+                                     serving_image=upload_model.DEFAULT_SERVING_IMAGE)
+    name = upload_model.upload(service.model_client(), model, "p", "us-central1", timeout=30)
+  finally:
+    service.stop()
+  assert name == "projects/p/locations/us-central1/models/7"
+  assert service.operation_gets == 1  # the operation was followed until done
+  assert service.uploaded[0].model.artifact_uri == "gs://b/serving"
+
+
+def test_the_serving_export_answers_alike_under_the_prebuilt_containers_tensorflow(trained_run, tf215_python,
+                                                                                    synthetic_dir):
+  """The pre-built prediction containers run TensorFlow 2.15: the export loads there and returns
+  the probabilities this TensorFlow returns (what makes the pre-built container the default)."""
+  serving = os.path.join(trained_run[1], "serving")
+  images = [os.path.join(synthetic_dir, "HAM10000_images_part_1", name) for name in
+            sorted(os.listdir(os.path.join(synthetic_dir, "HAM10000_images_part_1")))[:4]]
+  script = ("import json, sys, tensorflow as tf\n"
+            "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+            "images = tf.constant([open(p, 'rb').read() for p in sys.argv[2:]])\n"
+            "out = serve(image_bytes=images)\n"
+            "print(json.dumps({'version': tf.__version__, 'p': out['probabilities'].numpy().tolist()}))\n")
+  answers = []
+  for python in (tf215_python, sys.executable):
+    result = subprocess.run([python, "-c", script, serving, *images], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  assert answers[0]["version"].startswith("2.15.") and answers[1]["version"].startswith("2.21.")
+  assert np.allclose(answers[0]["p"], answers[1]["p"], atol=1e-5)

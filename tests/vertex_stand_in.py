@@ -1,24 +1,29 @@
-"""A local stand-in for Vertex AI's JobService, for the real aiplatform_v1 client.
+"""A local stand-in for Vertex AI's JobService and ModelService, for the real aiplatform_v1 clients.
 
-The package ships no generated servicer, so a generic gRPC handler answers the
-methods the launcher calls, with the request and response messages' own
-(de)serialisers. Jobs go through the states given, one per GetX call.
+The package ships no generated servicer, so generic gRPC handlers answer the
+methods the launchers call, with the request and response messages' own
+(de)serialisers. Jobs go through the states given, one per GetX call; a model
+upload is a long-running operation that is done at its first GetOperation.
 """
 
 import concurrent.futures
 
 import grpc
 from google.cloud import aiplatform_v1 as v1
+from google.longrunning import operations_pb2
+from google.protobuf import any_pb2
 
 SERVICE = "google.cloud.aiplatform.v1.JobService"
+MODEL_SERVICE = "google.cloud.aiplatform.v1.ModelService"
+OPERATIONS = "google.longrunning.Operations"
 
 
 class JobServiceStandIn:
   """Serves on 127.0.0.1; `states` are the states a created job reports, one per get."""
 
-  def __init__(self, states):
+  def __init__(self, states=()):
     self.states = list(states)
-    self.created, self.gets = [], 0
+    self.created, self.gets, self.uploaded, self.operation_gets = [], 0, [], 0
     handlers = {
         "CreateCustomJob": self._unary(self._create_custom_job, v1.CreateCustomJobRequest, v1.CustomJob),
         "GetCustomJob": self._unary(self._get(v1.CustomJob), v1.GetCustomJobRequest, v1.CustomJob),
@@ -29,8 +34,13 @@ class JobServiceStandIn:
                                                   v1.GetHyperparameterTuningJobRequest,
                                                   v1.HyperparameterTuningJob),
     }
+    models = {"UploadModel": self._unary(self._upload_model, v1.UploadModelRequest, operations_pb2.Operation)}
+    operations = {"GetOperation": self._unary(self._get_operation, operations_pb2.GetOperationRequest,
+                                              operations_pb2.Operation)}
     self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers),
+                                          grpc.method_handlers_generic_handler(MODEL_SERVICE, models),
+                                          grpc.method_handlers_generic_handler(OPERATIONS, operations)])
     self.port = self.server.add_insecure_port("127.0.0.1:0")
     self.server.start()
 
@@ -40,13 +50,32 @@ class JobServiceStandIn:
     channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
     return v1.JobServiceClient(transport=transports.JobServiceGrpcTransport(channel=channel))
 
+  def model_client(self) -> v1.ModelServiceClient:
+    from google.cloud.aiplatform_v1.services.model_service.transports import grpc as transports
+    channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+    return v1.ModelServiceClient(transport=transports.ModelServiceGrpcTransport(channel=channel))
+
   def stop(self):
     self.server.stop(None)
 
   @staticmethod
   def _unary(function, request_type, response_type):
-    return grpc.unary_unary_rpc_method_handler(function, request_deserializer=request_type.deserialize,
-                                               response_serializer=response_type.serialize)
+    # proto-plus messages (aiplatform_v1) and plain protobuf ones (google.longrunning) alike
+    deserialize = getattr(request_type, "deserialize", None) or request_type.FromString
+    serialize = getattr(response_type, "serialize", None) or response_type.SerializeToString
+    return grpc.unary_unary_rpc_method_handler(function, request_deserializer=deserialize,
+                                               response_serializer=serialize)
+
+  def _upload_model(self, request, context):
+    self.uploaded.append(request)
+    return operations_pb2.Operation(name=f"{request.parent}/models/7/operations/1", done=False)
+
+  def _get_operation(self, request, context):
+    self.operation_gets += 1
+    parent = self.uploaded[-1].parent
+    response = any_pb2.Any()
+    response.Pack(v1.UploadModelResponse.pb(v1.UploadModelResponse(model=f"{parent}/models/7")))
+    return operations_pb2.Operation(name=request.name, done=True, response=response)
 
   def _job(self, job, parent, kind):
     job = type(job).deserialize(type(job).serialize(job))
