@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.7",  # the evaluation's plots
         "pillow>=10.0",  # the synthetic dataset (job.demo)
         "cloudml-hypertune>=0.1.0.dev6",  # reports the monitored metric in a Vertex AI tuning trial
+        "tqdm>=4.60",  # progress bars in a terminal
     ],
     extras_require={
         # The launchers (launch/): the Vertex AI client. Not in the trainer image.

@@ -24,7 +24,7 @@ from absl import flags, logging
 from sklearn import metrics as skm
 
 from job import artifacts, calibration, data, metrics as metrics_lib, model as model_lib, plots
-from tfrecords import cli, fileio, manifest as manifest_lib
+from tfrecords import cli, fileio, manifest as manifest_lib, progress
 
 MELANOMA_SPECIFICITY = 0.90
 BOOTSTRAP = 1000  # lesion-bootstrap replicates for the 95% intervals
@@ -39,8 +39,11 @@ def predict_split(model: keras.Model, info: manifest_lib.SplitInfo, class_names,
   dataset = data.prediction_dataset(info, image_size, batch_size, take=take)
   names = np.asarray(class_names)
   frames = []
+  bar = progress.bar(min(info.num_examples, take or info.num_examples), "images", f"predicting {info.name}")
   for images, one_hot, metadata in dataset:
     probabilities = model.predict_on_batch(model_lib.preprocess(images))
+    if bar:
+      bar.update(len(probabilities))
     frame = pd.DataFrame({k: v.numpy() for k, v in metadata.items()})
     for column in ("image_id", "lesion_id", "sex", "localization"):
       frame[column] = frame[column].str.decode("utf-8")
@@ -49,6 +52,8 @@ def predict_split(model: keras.Model, info: manifest_lib.SplitInfo, class_names,
     for index, name in enumerate(class_names):
       frame[f"p_{name}"] = probabilities[:, index]
     frames.append(frame)
+  if bar:
+    bar.close()
   table = pd.concat(frames, ignore_index=True)
   first = ["image_id", "lesion_id", "label", "prediction"]
   return table[first + [c for c in table.columns if c not in first]]

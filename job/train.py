@@ -22,7 +22,7 @@ from absl import logging
 from job import artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
 from job import evaluate as evaluate_lib, keras_compat, model as model_lib, optimization, performance
 from job import predict, run_state
-from tfrecords import cli, fileio, manifest as manifest_lib
+from tfrecords import cli, fileio, manifest as manifest_lib, progress
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
@@ -161,7 +161,7 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
                             validation_steps=run.validation.steps,
                             callbacks=stage_callbacks(run, stage, initial_epoch),
                             shuffle=False,  # the dataset shuffles itself; Keras would warn it ignores this
-                            verbose=2)
+                            verbose=progress.keras_verbosity())
   next_epoch = (max(history.epoch) + 1) if history.epoch else initial_epoch + epochs
   if run.chief:
     with fileio.local_copy_then_upload(weights, ".weights.h5") as tmp:

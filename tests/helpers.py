@@ -1,6 +1,8 @@
 """What several test files share: running a command as a user would, waiting on it, free ports."""
 
 import os
+import pty
+import select
 import socket
 import subprocess
 import sys
@@ -62,3 +64,28 @@ def cached_venv(request, name: str, packages: list[str], system_site_packages: b
     subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True, timeout=1200)
     open(os.path.join(venv, "ready"), "w").close()
   return python
+
+
+def in_a_terminal(module, *args, timeout=600):
+  """Runs `python -m module args` with a pseudo-terminal as stdout and stderr; returns its output."""
+  leader, follower = pty.openpty()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUD_ML_", "AIP_"))}
+  process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                             stdout=follower, stderr=follower, env=env)
+  os.close(follower)
+  output = b""
+  while True:
+    ready, _, _ = select.select([leader], [], [], timeout)
+    if not ready:
+      process.kill()
+      raise TimeoutError(f"{module} printed nothing for {timeout} s")
+    try:
+      chunk = os.read(leader, 65536)
+    except OSError:  # the terminal closed: the process ended
+      break
+    if not chunk:
+      break
+    output += chunk
+  os.close(leader)
+  assert process.wait() == 0, output.decode(errors="replace")[-3000:]
+  return output.decode(errors="replace")

@@ -1,12 +1,13 @@
 """Every command starts the same way: its flags under --help, user errors as one line."""
 
 import io
+import re
 import json
 import os
 
 import pytest
 
-from helpers import run_module
+from helpers import in_a_terminal, run_module
 
 
 @pytest.mark.parametrize("module, own_flags", [
@@ -125,3 +126,15 @@ def test_cloud_logging_routes_warnings_and_errors(monkeypatch):
   assert records[0]["message"] == "one 1" and "UserWarning: deprecated thing" in records[1]["message"]
   assert [json.loads(line)["severity"] for line in err.getvalue().splitlines()] == ["ERROR"]
   assert logs.on_vertex({"CLOUD_ML_PROJECT_ID": "p"}) and not logs.on_vertex({"HOME": "/root"})
+
+
+def test_a_terminal_shows_progress_bars_and_a_pipe_one_line_per_shard(synthetic_dir, tmp_path):
+  args = [f"--source={synthetic_dir}", "--image_size=32", "--num_train_shards=2", "--num_eval_shards=1",
+          "--workers=2"]
+  shown = in_a_terminal("tfrecords.convert", *args, f"--output_dir={tmp_path / 'tty'}")
+  bar = re.findall(r"converting: +100%\|.*\| 300/300 \[\d\d:\d\d<00:00, +[\d.]+ ?images/s\]", shown)
+  assert bar, shown[-2000:]
+  assert "train-00000-of-00002.tfrecord: " not in shown  # the bar replaces the per-shard lines
+  piped = run_module("tfrecords.convert", *args, f"--output_dir={tmp_path / 'pipe'}")
+  assert "converting:" not in piped.stderr and "\r" not in piped.stderr
+  assert len(re.findall(r"-of-0000\d\.tfrecord: \d+ examples", piped.stderr)) == 4

@@ -253,7 +253,7 @@ def test_tpu_image_requirements_resolve_together(tmp_path):
 IMPORT_NAMES = {"tensorflow": "tensorflow", "keras": "keras", "tensorflow-datasets": "tensorflow_datasets",
                 "google-cloud-storage": "google.cloud import storage", "kagglehub": "kagglehub",
                 "pandas": "pandas", "scikit-learn": "sklearn", "absl-py": "absl", "matplotlib": "matplotlib",
-                "pillow": "PIL", "cloudml-hypertune": "hypertune"}
+                "pillow": "PIL", "cloudml-hypertune": "hypertune", "tqdm": "tqdm"}
 
 
 def test_every_runtime_requirement_is_imported_by_product_code_and_the_sdk_is_not():

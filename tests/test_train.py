@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from helpers import REPO, copy_tree, run_module, wait_until
+from helpers import REPO, copy_tree, in_a_terminal, run_module, wait_until
 from job import keras_compat, predict, train
 from tfrecords import features
 
@@ -146,7 +147,9 @@ def test_evaluation_reads_the_calibration_and_needs_no_validation_split(trained_
   del manifest["splits"]["validation"]
   (data_dir / "manifest.json").write_text(json.dumps(manifest))
   calibration = (model_dir / "calibration.json").read_bytes()
-  run_module("job.evaluate", f"--model_dir={model_dir}", f"--data_dir={data_dir}")
+  shown = in_a_terminal("job.evaluate", f"--model_dir={model_dir}", f"--data_dir={data_dir}")
+  test_images = manifest["splits"]["test"]["num_examples"]
+  assert re.search(rf"predicting test: +100%\|.*\| {test_images}/{test_images} \[", shown), shown[-2000:]
   assert (model_dir / "calibration.json").read_bytes() == calibration  # nothing refitted
   original = json.load(open(os.path.join(run_dir, "metrics.json")))
   again = json.load(open(model_dir / "metrics.json"))

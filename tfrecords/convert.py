@@ -31,8 +31,8 @@ import pandas as pd
 import tensorflow as tf
 from absl import flags, logging
 
-from tfrecords import (cli, features, fileio, manifest as manifest_lib, sources, split as split_lib,
-                       tfds_metadata)
+from tfrecords import (cli, features, fileio, manifest as manifest_lib, progress, sources,
+                       split as split_lib, tfds_metadata)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PLAN_FILE = "plan.json"
@@ -306,16 +306,24 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   start, images = time.perf_counter(), 0
   total = sum(len(t.rows) for t in tasks)
   _remove_temporaries(output_dir)  # left by a run that was killed
+  bar = progress.bar(total, "images", "converting") if tasks else None
   try:
     for stats in _run(tasks, workers):
       done[stats["name"]] = stats
-      images += len(next(t.rows for t in tasks if t.name == stats["name"]))
+      written = len(next(t.rows for t in tasks if t.name == stats["name"]))
+      images += written
       elapsed = time.perf_counter() - start
-      logging.info("%s: %d examples (%d/%d images, %.1f images/s)", stats["name"],
-                   stats["num_examples"], images, total, images / max(elapsed, 1e-9))
+      if bar:
+        bar.update(written)
+      else:
+        logging.info("%s: %d examples (%d/%d images, %.1f images/s)", stats["name"],
+                     stats["num_examples"], images, total, images / max(elapsed, 1e-9))
   except BaseException:
     _remove_temporaries(output_dir)  # other workers' shards in progress, stopped mid-write
     raise
+  finally:
+    if bar:
+      bar.close()
 
   check_written(done)
   manifest = _manifest(source, settings, split, done, source_fingerprint)
