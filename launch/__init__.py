@@ -1,1 +1,6 @@
-"""Submitting the training job: Vertex AI custom jobs and multi-GPU VMs."""
+"""Submitting the training job and publishing its model.
+
+  vertex.py        Vertex AI custom and tuning jobs (`python -m launch.vertex`)
+  upload_model.py  the serving SavedModel into the Model Registry (`python -m launch.upload_model`)
+  multi_gpu.py     all the GPUs of one VM (`python -m launch.multi_gpu`)
+"""

@@ -17,12 +17,10 @@ REST routes for the model name `ham10000`). `--dry_run` prints the Model as
 REST JSON (the body of models:upload's `model`) and calls nothing.
 """
 
-import json
-
 from absl import flags
 
 from launch import vertex
-from tfrecords import cli, fileio
+from tfrecords import cli
 
 FLAGS = flags.FLAGS
 PREBUILT_PREFIX = "us-docker.pkg.dev/vertex-ai/prediction/"
@@ -77,15 +75,10 @@ def main(argv):
                       artifact_uri=vertex.gcs_path("artifact_uri", FLAGS.artifact_uri).rstrip("/"),
                       description=FLAGS.description)
   if FLAGS.dry_run:
-    text = json.dumps(vertex.rest_json(model), indent=2)
-    if FLAGS.output:
-      fileio.write_atomic(FLAGS.output, text + "\n")
-      print(FLAGS.output)
-    else:
-      print(text)
+    vertex.print_dry_run(model, FLAGS.output)
     return
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
-  client = v1.ModelServiceClient(client_options={"api_endpoint": f"{FLAGS.region}-aiplatform.googleapis.com"})
+  client = v1.ModelServiceClient(client_options={"api_endpoint": vertex.api_endpoint(FLAGS.region)})
   name = upload(client, model, FLAGS.project, FLAGS.region)
   print(name)
 

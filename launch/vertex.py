@@ -258,6 +258,20 @@ def gcs_path(flag: str, value: str) -> str:
   return value
 
 
+def api_endpoint(region: str) -> str:
+  return f"{region}-aiplatform.googleapis.com"
+
+
+def print_dry_run(message, output: str | None):
+  """The message as REST JSON: printed, or written to `output` (whose path is printed)."""
+  text = json.dumps(rest_json(message), indent=2)
+  if output:
+    fileio.write_atomic(output, text + "\n")
+    print(output)
+  else:
+    print(text)
+
+
 def rest_json(job) -> dict:
   # The REST API's field names (camelCase), enum names, and only the fields that are set.
   return json.loads(type(job).to_json(job, use_integers_for_enums=False,
@@ -282,15 +296,10 @@ def main(argv):
     job = build_tuning_job(job, monitor=monitor_of(passthrough), max_trials=FLAGS.max_trials,
                            parallel_trials=FLAGS.parallel_trials)
   if FLAGS.dry_run:
-    text = json.dumps(rest_json(job), indent=2)
-    if FLAGS.output:
-      fileio.write_atomic(FLAGS.output, text + "\n")
-      print(FLAGS.output)
-    else:
-      print(text)
+    print_dry_run(job, FLAGS.output)
     return
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
-  client = v1.JobServiceClient(client_options={"api_endpoint": f"{FLAGS.region}-aiplatform.googleapis.com"})
+  client = v1.JobServiceClient(client_options={"api_endpoint": api_endpoint(FLAGS.region)})
   submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
 
 

@@ -17,6 +17,7 @@ from helpers import in_a_terminal, run_module
     ("job.predict", ["--model_dir", "--raw", "--export_dir", "--format"]),
     ("job.demo", ["--work_dir", "--num_images"]),
     ("launch.vertex", ["--machine_type", "--replica_count", "--dry_run", "--tune", "--wait", "--output"]),
+    ("launch.upload_model", ["--artifact_uri", "--serving_image", "--dry_run"]),
 ])
 def test_help_lists_the_commands_own_flags(module, own_flags):
   result = run_module(module, "--help", check=False)  # absl ends --help with exit status 1
