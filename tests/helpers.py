@@ -2,6 +2,7 @@
 
 import os
 import pty
+import re
 import select
 import socket
 import subprocess
@@ -89,3 +90,12 @@ def in_a_terminal(module, *args, timeout=600):
   os.close(leader)
   assert process.wait() == 0, output.decode(errors="replace")[-3000:]
   return output.decode(errors="replace")
+
+
+def python_warnings(stderr: str) -> list[str]:
+  """The warnings a command logged from Python: absl's WARNING records (`W1127 12:00:00.000000
+  123 file.py:10] …`) and Python warnings (`file.py:10: UserWarning: …`). TensorFlow's C++
+  lines (`W0000 00:00:…`, `file.cc:12]`) are not Python's."""
+  absl = re.compile(r"^W\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
+  python = re.compile(r"^\S+\.py:\d+: \w*Warning: ")
+  return [line for line in stderr.splitlines() if absl.match(line) or python.match(line)]

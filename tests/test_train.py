@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from helpers import REPO, copy_tree, in_a_terminal, run_module, wait_until
+from helpers import REPO, copy_tree, in_a_terminal, python_warnings, run_module, wait_until
 from job import keras_compat, predict, train
 from tfrecords import features
 
@@ -222,9 +222,10 @@ def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   model_dir = tmp_path / "mirrored"
   # --debug validates on 32 images: at a global batch of 30 the last batch holds two images,
   # fewer than the three replicas (one would get an empty batch without the padding).
-  run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored", "--noserving",
-             "--cpu_devices=3", "--weights=none", "--image_size=32", "--global_batch_size=30",
-             "--stage1_epochs=1", "--stage2_epochs=1", "--debug")
+  result = run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--strategy=mirrored",
+                      "--noserving", "--cpu_devices=3", "--weights=none", "--image_size=32",
+                      "--global_batch_size=30", "--stage1_epochs=1", "--stage2_epochs=1", "--debug")
+  assert python_warnings(result.stderr) == []  # a healthy run's log warns of nothing
   config = json.load(open(model_dir / "run_config.json"))
   assert config["strategy"] == "MirroredStrategy" and config["num_replicas"] == 3
   assert pd.read_csv(model_dir / "history.csv")["stage"].tolist() == [1, 2]

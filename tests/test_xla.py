@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import run_module
+from helpers import python_warnings, run_module
 from job import augment, config as config_lib, model as model_lib, performance, train
 
 # A smooth image (bilinear upsampling of random 8×8 noise) and a rough one (pixel noise).
@@ -103,6 +103,7 @@ def test_training_step_compiles_under_xla_in_the_tpu_configuration(shards_dir, t
                       "--global_batch_size=16", "--stage1_epochs=1", "--stage2_epochs=1", "--debug",
                       "--noevaluate", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
   log = result.stdout + result.stderr
+  assert python_warnings(result.stderr) == []  # a healthy run's log warns of nothing
   assert "Compiled cluster using XLA" in log
   assert "Model doesn't support `jit_compile=True`" not in log
   config = json.loads((model_dir / "run_config.json").read_text())
