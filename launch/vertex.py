@@ -32,7 +32,7 @@ import time
 
 from absl import flags
 
-from tfrecords import cli, fileio
+from tfrecords import cli
 
 FLAGS = flags.FLAGS
 
@@ -266,6 +266,9 @@ def print_dry_run(message, output: str | None):
   """The message as REST JSON: printed, or written to `output` (whose path is printed)."""
   text = json.dumps(rest_json(message), indent=2)
   if output:
+    # Imported here: the storage layer loads TensorFlow, which a launcher otherwise never needs
+    # (and whose start-up lines would be all a dry run prints on stderr).
+    from tfrecords import fileio  # pylint: disable=g-import-not-at-top
     fileio.write_atomic(output, text + "\n")
     print(output)
   else:

@@ -17,6 +17,7 @@ from launch import multi_gpu, upload_model, vertex
 def dry_run(*args):
   result = run_module("launch.vertex", "--dry_run", "--image_uri=us-docker.pkg.dev/p/ham/trainer:1",
                       "--data_dir=gs://b/shards", "--model_dir=gs://b/runs/r1", *args)
+  assert result.stderr == ""  # a launcher loads no TensorFlow, whose start-up lines would show here
   return json.loads(result.stdout)
 
 
