@@ -17,6 +17,7 @@ setup(
         "tensorflow==2.21.0",  # the version tested; the Dockerfile's base image matches it
         "keras>=3.15,<3.16",
         "tensorflow-datasets>=4.9",  # the TFDS metadata beside the shards (tfrecords/tfds_metadata.py)
+        "jinja2>=3.0",  # tfds.as_dataframe (the README's TFDS example) always styles through pandas' .style
         "tensorboard>=2.21",  # not installed with TensorFlow 2.21, needed by the TensorBoard callback
         "google-cloud-storage>=2.10",  # gs:// source listings with checksums; the model_dir lease
         "kagglehub>=0.3",  # --source=kaggle

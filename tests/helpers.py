@@ -7,6 +7,7 @@ import select
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 
 import tensorflow as tf
@@ -54,14 +55,21 @@ def copy_tree(src, dst):
       tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", os.path.join(dst, relative, name), overwrite=True)
 
 
-def cached_venv(request, name: str, packages: list[str], system_site_packages: bool = False) -> str:
+def cached_venv(request, name: str, packages: list[str], share_packages: bool = False) -> str:
   """The Python of a virtual environment with `packages`, made once and kept in pytest's cache
-  (for a tool whose requirements clash with the project's)."""
+  (for a tool whose requirements clash with the project's). `share_packages` lets it import the
+  test environment's packages behind its own: a `.pth` file names this interpreter's
+  site-packages (`venv --system-site-packages` would share the base Python's instead, which
+  is not this one when the tests run in a virtual environment)."""
   venv = str(request.config.cache.mkdir(name))
   python = os.path.join(venv, "bin", "python")
   if not os.path.exists(os.path.join(venv, "ready")):
-    subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []),
-                    "--clear", venv], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    if share_packages:
+      own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+      with open(os.path.join(own, "test-environment.pth"), "w") as f:
+        f.write(sysconfig.get_path("purelib") + "\n")
     subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True, timeout=1200)
     open(os.path.join(venv, "ready"), "w").close()
   return python

@@ -3,6 +3,7 @@ scored by the official scorer."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow_datasets as tfds
 
-from helpers import NUM_IMAGES, cached_venv, copy_tree, run_module
+from helpers import NUM_IMAGES, REPO, cached_venv, copy_tree, run_module
 from tfrecords import convert, sources, split as split_lib, synthetic
 
 # The official scorer's newest release for Python 3.11 calls DataFrame.applymap, gone in
@@ -41,7 +42,7 @@ def isic_test_conversion(tmp_path_factory, shards_dir):
 @pytest.fixture(scope="session")
 def scorer_python(request):
   """A Python with the official ISIC scorer and pandas 2 (the project's other packages shared)."""
-  return cached_venv(request, "isic-challenge-scoring-5.6.0", ["pandas<3", SCORER], system_site_packages=True)
+  return cached_venv(request, "isic-challenge-scoring-5.6.0", ["pandas<3", SCORER], share_packages=True)
 
 
 def test_tfds_reads_every_split_of_a_conversion(shards_dir):
@@ -62,6 +63,20 @@ def test_tfds_reads_every_split_of_a_conversion(shards_dir):
       assert list(label_map)[row["image/class/label"]] == row["image/class/text"].decode()
       assert row["image/encoded"].dtype == np.uint8 and row["image/encoded"].shape == (450, 600, 3)
       assert row["image/height"] == 450 and row["image/metadata/sex"] in (b"male", b"female", b"unknown")
+
+
+def test_the_readmes_tfds_example_runs_as_written(shards_dir):
+  """The README's TFDS block, run verbatim but for the folder: a dependency it needs that the
+  README's install does not bring (jinja2, for tfds.as_dataframe) fails here."""
+  readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "tfds.builder_from_directory" in b]
+  assert len(blocks) == 1, "the README's TFDS example is gone"
+  lines = blocks[0].replace('"/data/shards"', repr(shards_dir)).rstrip().splitlines()
+  lines[-1] = f"frame = {lines[-1]}"  # the block ends in the expression a notebook would show
+  namespace = {}
+  exec("\n".join(lines), namespace)
+  assert len(namespace["frame"]) == 5
+  assert namespace["frame"].current_style.to_html()  # how a notebook renders it
 
 
 def test_isic_layout_gives_the_kaggle_copys_split_in_any_row_order(isic_training_dir, source, tmp_path):

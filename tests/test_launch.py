@@ -250,7 +250,8 @@ def test_tpu_image_requirements_resolve_together(tmp_path):
 
 
 # install_requires name → the module product code imports (tensorboard: Keras's TensorBoard
-# callback imports it, not our code).
+# callback imports it, not our code; jinja2: pandas' .style imports it for tfds.as_dataframe, the
+# README's TFDS example, which tests/test_interop.py runs).
 IMPORT_NAMES = {"tensorflow": "tensorflow", "keras": "keras", "tensorflow-datasets": "tensorflow_datasets",
                 "google-cloud-storage": "google.cloud import storage", "kagglehub": "kagglehub",
                 "pandas": "pandas", "scikit-learn": "sklearn", "absl-py": "absl", "matplotlib": "matplotlib",
@@ -261,7 +262,7 @@ def test_every_runtime_requirement_is_imported_by_product_code_and_the_sdk_is_no
   setup_py = open(os.path.join(REPO, "setup.py")).read()
   runtime = _requirement_names(re.findall(r'"([^"]+)"', re.search(r"install_requires=\[(.*?)\]", setup_py,
                                                                       re.S).group(1)))
-  assert runtime - {"tensorboard"} == set(IMPORT_NAMES)
+  assert runtime - {"tensorboard", "jinja2"} == set(IMPORT_NAMES)
   product = "".join(open(os.path.join(REPO, package, name)).read() for package in ("job", "tfrecords")
                     for name in os.listdir(os.path.join(REPO, package)) if name.endswith(".py"))
   for requirement, module in IMPORT_NAMES.items():
