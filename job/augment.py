@@ -19,6 +19,7 @@ Coordinates are computed in float32 whatever the dtype policy: bfloat16 has
 8 bits of mantissa and cannot hold pixel positions 0-223 exactly.
 """
 
+import functools
 import math
 
 import keras
@@ -78,6 +79,15 @@ def adjust_contrast(images: tf.Tensor, factors: tf.Tensor, value_range=(0.0, 255
   return tf.clip_by_value(adjusted, value_range[0], value_range[1])
 
 
+def replica_in_sync_group():
+  """This replica's place among all replicas (global across workers under
+  MultiWorkerMirroredStrategy), or None with a single replica, whose draws stay Keras's own."""
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return None
+  return context.replica_id_in_sync_group
+
+
 @keras.saving.register_keras_serializable(package="ham10000")
 class RandomAugmentation(keras.layers.Layer):
   """Random flip, rotation, zoom and contrast in one XLA-compilable layer (training only).
@@ -92,17 +102,30 @@ class RandomAugmentation(keras.layers.Layer):
     self.value_range, self.seed = tuple(value_range), seed
     self.seed_generator = keras.random.SeedGenerator(seed)
 
-  def draw(self, batch_size, uniform=None):
+  def draw(self, batch_size, uniform=None, replica=None):
     """One random transformation per image, from the ranges of the seed's Keras layers.
-    uniform(shape, low, high): the random source (default: this layer's seeded one)."""
-    uniform = uniform or (lambda shape, low, high: keras.random.uniform(
-        shape, low, high, dtype="float32", seed=self.seed_generator))
+    uniform(shape, low, high): the random source (default: this layer's seeded one, drawn
+    apart on each replica). replica: the replica's place in the sync group (default: read
+    from the replica context when there are several)."""
+    if uniform is None:
+      replica = replica_in_sync_group() if replica is None else replica
+      uniform = functools.partial(self._uniform, replica=replica)
     max_angle = self.rotation * 2.0 * math.pi
     shape = (batch_size,)
     return {"angles": uniform(shape, -max_angle, max_angle),
             "zooms": uniform(shape, 1.0 - self.zoom, 1.0 + self.zoom),
             "flips": uniform(shape, 0.0, 1.0) < 0.5,
             "contrasts": uniform(shape, 1.0 - self.contrast, 1.0 + self.contrast)}
+
+  def _uniform(self, shape, low, high, replica=None):
+    """keras.random.uniform from this layer's SeedGenerator; with several replicas, the
+    replica's place folded into the seed. Every replica reads the same generator state, and
+    would otherwise draw the same transformations for its share of the batch."""
+    if replica is None:
+      return keras.random.uniform(shape, low, high, dtype="float32", seed=self.seed_generator)
+    seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)  # as Keras casts it
+    seed = tf.random.experimental.stateless_fold_in(seed, replica)
+    return tf.random.stateless_uniform(shape, seed, low, high, dtype=tf.float32)
 
   def apply(self, images, angles, zooms, flips, contrasts):
     warped = affine_sample(images, transform_matrices(angles, zooms, flips))

@@ -110,7 +110,8 @@ def define_flags():
   flags.DEFINE_integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
   flags.DEFINE_bool("class_weights", d("class_weights"), "Weight the loss by inverse class frequency.")
   flags.DEFINE_enum("jit_compile", d("jit_compile"), performance.JIT_COMPILE, "XLA-compile the training "
-                    "step, augmentation included. auto: on for TPUs and GPUs, off on CPUs.")
+                    "step, augmentation included. auto: on for TPUs and one GPU; off for several GPUs "
+                    "or workers (a preflight with and without it tells whether it pays) and on CPUs.")
   flags.DEFINE_integer("steps_per_execution", d("steps_per_execution"), "Training steps per "
                        "tf.function call (at most an epoch's).")
   flags.DEFINE_enum("cache", d("cache"), data.CACHE_MODES, "Where decoded images are cached: memory, "

@@ -30,14 +30,16 @@ def use_xla(mode: str, strategy_name: str, run_eagerly: bool = False) -> bool:
   Keras's own "auto" turns XLA off under any tf.distribute strategy, and the job
   always runs inside one.
 
-  auto: on for TPUs (they run nothing else); on for GPUs, where XLA fuses the
-  element-wise ops around each convolution and ResNet-50 trains faster under
-  mixed_float16 (measure with bench.gpu); off on CPUs, where it measured 6× slower
-  (bench.train). Several GPUs or workers with XLA (mirrored, multi_worker) are
-  supported by TensorFlow; on logical CPU devices they fail, a CPU-only limit.
+  auto: on for TPUs (they run nothing else) and for one GPU, where XLA fuses the
+  element-wise ops around each convolution (measure with bench.gpu); off for several
+  GPUs or workers (mirrored, multi_worker) unless --jit_compile=on: TensorFlow supports
+  XLA there, but nothing here has shown it on real GPUs, and a preflight with and
+  without it on the user's machine tells (job.preflight); off on CPUs, where it
+  measured 6× slower (bench.train), and on logical CPU devices it fails.
   """
   if run_eagerly:
     return False
   if mode == "auto":
-    return strategy_name == "tpu" or bool(tf.config.list_physical_devices("GPU"))
+    single_gpu = strategy_name == "one_device" and bool(tf.config.list_physical_devices("GPU"))
+    return strategy_name == "tpu" or single_gpu
   return mode == "on"

@@ -2,13 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import python_warnings, run_module
+from helpers import REPO, python_warnings, run_module
 from job import augment, config as config_lib, model as model_lib, performance, train
 
 # A smooth image (bilinear upsampling of random 8×8 noise) and a rough one (pixel noise).
@@ -74,7 +76,9 @@ def test_xla_decision_is_the_jobs(monkeypatch):
   assert not performance.use_xla("on", "one_device", run_eagerly=True)
   monkeypatch.setattr(tf.config, "list_physical_devices",
                       lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
-  assert performance.use_xla("auto", "mirrored")
+  assert performance.use_xla("auto", "one_device")  # one GPU
+  assert not performance.use_xla("auto", "mirrored") and not performance.use_xla("auto", "multi_worker")
+  assert performance.use_xla("on", "mirrored")  # several GPUs: only when asked for
 
 
 def _small_model(augmentation: keras.layers.Layer) -> keras.Model:
@@ -109,3 +113,47 @@ def test_training_step_compiles_under_xla_in_the_tpu_configuration(shards_dir, t
   config = json.loads((model_dir / "run_config.json").read_text())
   assert config["xla"] is True and config["dtype_policy"] == "mixed_bfloat16"
   assert (model_dir / "checkpoints" / "stage2.json").exists()
+
+
+REPLICA_DRAWS = """
+import json, tensorflow as tf
+from job import distribute_utils, model as model_lib
+distribute_utils.use_logical_cpu_devices(2)
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():
+  layer = model_lib.augmentation(seed=3)
+step = tf.function(lambda: layer.draw(4)["angles"])
+print(json.dumps([[t.numpy().tolist() for t in strategy.experimental_local_results(strategy.run(step))]
+                  for _ in range(2)]))
+"""
+
+
+def test_each_replica_draws_its_own_augmentation():
+  """Under MirroredStrategy every replica reads the same SeedGenerator state: without the replica
+  folded into the seed, two replicas transform their halves of a batch identically."""
+  result = subprocess.run([sys.executable, "-c", REPLICA_DRAWS], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  steps = json.loads(result.stdout.strip().splitlines()[-1])
+  for first, second in steps:
+    assert not np.allclose(first, second), "two replicas drew the same angles"
+  assert not np.allclose(steps[0][0], steps[1][0]), "a replica drew the same angles twice"
+
+
+def test_a_replicas_draws_compile_under_xla():
+  """XLA over logical CPU devices cannot place the generator's state (a CPU-only limit), so the
+  replica's draw is compiled here on one device, with its place in the group given."""
+  layer = model_lib.augmentation(seed=3)
+  draw = tf.function(lambda replica: layer.draw(4, replica=replica)["angles"], jit_compile=True)
+  eager = [layer.draw(4, replica=r)["angles"].numpy() for r in (0, 1)]  # generator states 0, 1
+  compiled = [draw(tf.constant(r)).numpy() for r in (0, 1)]  # states 2, 3
+  assert not np.allclose(compiled[0], compiled[1]) and not np.allclose(eager[0], eager[1])
+  fresh = model_lib.augmentation(seed=3)
+  assert np.allclose(eager[0], fresh.draw(4, replica=0)["angles"].numpy())  # repeatable from the seed
+
+
+def test_one_replica_draws_what_keras_draws_for_the_seed():
+  layer, reference = model_lib.augmentation(seed=5), keras.random.SeedGenerator(5)
+  angles = layer.draw(6)["angles"].numpy()
+  max_angle = 0.1 * 2 * math.pi
+  assert np.allclose(angles, keras.random.uniform((6,), -max_angle, max_angle, seed=reference).numpy())
