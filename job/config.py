@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from job import artifacts, data, distribute_utils, model as model_lib, optimization, performance
+from job import accelerators, artifacts, data, distribute_utils, model as model_lib, optimization, performance
 from tfrecords import cli
 
 FLAGS = flags.FLAGS
@@ -25,6 +25,7 @@ class TrainConfig:
   tensorboard_dir: str | None = None
   strategy: str = "auto"
   tpu: str = ""
+  expected_accelerator: str = ""  # what the job must see before it starts (job/accelerators.py)
   cpu_devices: int = 0
   mixed_precision: str = "auto"
   image_size: int = 224
@@ -84,6 +85,9 @@ def define_flags():
   flags.DEFINE_string("tensorboard_dir", None, "TensorBoard logs. Default: $AIP_TENSORBOARD_LOG_DIR, else "
                       "--model_dir/logs.")
   flags.DEFINE_enum("strategy", d("strategy"), distribute_utils.STRATEGIES, "tf.distribute strategy.")
+  flags.DEFINE_string("expected_accelerator", None, "What this job was given and must see before it "
+                      "reads any data, as TYPE:COUNT per machine (NVIDIA_L4:1, GPU:2 for any model; none: "
+                      f"no check). Default: ${accelerators.EXPECTED_ACCELERATOR_ENV}, which the launchers set.")
   flags.DEFINE_string("tpu", d("tpu"), "TPU for --strategy=tpu: local, a name or grpc:// address.")
   flags.DEFINE_integer("cpu_devices", d("cpu_devices"), "Split the CPU into N logical devices (runs "
                        "mirrored without GPUs; for tests and debugging).")
@@ -139,7 +143,16 @@ def config_from_flags() -> TrainConfig:
   values["model_dir"] = FLAGS.model_dir or os.environ.get("AIP_MODEL_DIR") or default("model_dir")
   values["checkpoint_dir"] = FLAGS.checkpoint_dir or os.environ.get("AIP_CHECKPOINT_DIR")
   values["tensorboard_dir"] = FLAGS.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR")
+  values["expected_accelerator"] = (FLAGS.expected_accelerator if FLAGS.expected_accelerator is not None
+                                    else os.environ.get(accelerators.EXPECTED_ACCELERATOR_ENV, ""))
   return validated(TrainConfig(**values))
+
+
+def expected_accelerator(cfg: TrainConfig) -> "accelerators.Expected | None":
+  given = "expected_accelerator" in FLAGS and FLAGS.is_parsed() and FLAGS["expected_accelerator"].present
+  source = ("--expected_accelerator" if given
+            else f"${accelerators.EXPECTED_ACCELERATOR_ENV}")
+  return accelerators.parse_expected(cfg.expected_accelerator, source)
 
 
 def validated(cfg: TrainConfig) -> TrainConfig:
@@ -156,6 +169,7 @@ def validated(cfg: TrainConfig) -> TrainConfig:
   for name in ("stage1_lr", "stage2_lr"):
     if not 0 < getattr(cfg, name) < float("inf"):
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be a positive learning rate")
+  expected_accelerator(cfg)  # names the flag or variable when malformed
   if cfg.fine_tune_layers > model_lib.BACKBONE_LAYERS:
     raise cli.UserError(f"--fine_tune_layers={cfg.fine_tune_layers}: the ResNet-50 backbone has "
                         f"{model_lib.BACKBONE_LAYERS} layers")

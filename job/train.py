@@ -19,7 +19,7 @@ import sklearn
 import tensorflow as tf
 from absl import logging
 
-from job import artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
+from job import accelerators, artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
 from job import evaluate as evaluate_lib, keras_compat, model as model_lib, optimization, performance
 from job import predict, run_state
 from tfrecords import cli, fileio, manifest as manifest_lib, progress
@@ -235,6 +235,8 @@ def preflight(cfg: config_lib.TrainConfig) -> dict:
 
 def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   """Trains both stages and evaluates; returns the test metrics (or {})."""
+  # First, before any data is read: a job given GPUs that TensorFlow cannot use stops here.
+  accelerators.guard(config_lib.expected_accelerator(cfg))
   if cfg.cpu_devices:
     distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
   strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)

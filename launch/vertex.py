@@ -30,8 +30,9 @@ import json
 import sys
 import time
 
-from absl import flags
+from absl import flags, logging
 
+from job import accelerators
 from tfrecords import cli
 
 FLAGS = flags.FLAGS
@@ -86,15 +87,26 @@ def is_tpu(machine_type: str, accelerator_type: str | None) -> bool:
 
 
 def gpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accelerator_count: int):
-  """A machine with `accelerator_count` GPUs (1 if not given) of `accelerator_type`, or none."""
+  """The machine with the GPUs Vertex AI would give it (job/accelerators.py's table: filled in
+  where the machine type fixes them, refused where Vertex would refuse them or the GPU would be
+  dropped), or none."""
+  accelerator_type, accelerator_count = accelerators.gpu_for_machine(machine_type, accelerator_type,
+                                                                     accelerator_count)
   machine = v1.MachineSpec(machine_type=machine_type)
   if accelerator_type:
-    if accelerator_type not in v1.AcceleratorType.__members__:
-      raise cli.UserError(f"--accelerator_type={accelerator_type}: not one of Vertex AI's "
-                       f"({', '.join(sorted(v1.AcceleratorType.__members__))})")
     machine.accelerator_type = v1.AcceleratorType[accelerator_type]
-    machine.accelerator_count = accelerator_count or 1
+    machine.accelerator_count = accelerator_count
+    warning = accelerators.jit_warning(accelerator_type)
+    if warning:
+      logging.warning("%s", warning)
   return machine
+
+
+def expected_accelerator(machine) -> str | None:
+  """What the job checks it sees (job/accelerators.py's guard): TYPE:COUNT per replica."""
+  if not machine.accelerator_count:
+    return None
+  return f"{machine.accelerator_type.name}:{machine.accelerator_count}"
 
 
 def tpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accelerator_count: int,
@@ -149,6 +161,9 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
     machine = gpu_machine_spec(v1, machine_type, accelerator_type, accelerator_count)
   container = v1.ContainerSpec(image_uri=image_uri, args=trainer_args(
       data_dir, machine_type, accelerator_type, replica_count, passthrough))
+  expected = expected_accelerator(machine)
+  if expected:
+    container.env = [v1.EnvVar(name=accelerators.EXPECTED_ACCELERATOR_ENV, value=expected)]
   pools = [v1.WorkerPoolSpec(machine_spec=machine, replica_count=1, container_spec=container)]
   if replica_count > 1:  # the same machine again: MultiWorkerMirroredStrategy needs equal workers
     pools.append(v1.WorkerPoolSpec(machine_spec=machine, replica_count=replica_count - 1,

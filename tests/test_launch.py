@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, run_module
-from job import callbacks
+from job import accelerators, callbacks
 from launch import multi_gpu, upload_model, vertex
 
 
@@ -183,11 +183,74 @@ def test_vertex_rejects_bad_flags():
                             passthrough=[])
 
 
+@pytest.mark.parametrize("machine, accelerator, count, expected", [
+    # The machine's name fixes the GPU: the launcher fills in the count.
+    ("g2-standard-8", None, 0, ("NVIDIA_L4", 1)),
+    ("g2-standard-48", "NVIDIA_L4", 0, ("NVIDIA_L4", 4)),
+    ("a2-highgpu-2g", None, 0, ("NVIDIA_TESLA_A100", 2)),
+    ("a2-ultragpu-1g", "NVIDIA_A100_80GB", 1, ("NVIDIA_A100_80GB", 1)),
+    ("a3-highgpu-8g", None, 0, ("NVIDIA_H100_80GB", 8)),
+    ("a3-ultragpu-8g", None, 0, ("NVIDIA_H200_141GB", 8)),
+    ("n1-standard-16", "NVIDIA_TESLA_V100", 2, ("NVIDIA_TESLA_V100", 2)),
+    ("n1-standard-8", "NVIDIA_TESLA_T4", 0, ("NVIDIA_TESLA_T4", 1)),
+    ("n1-standard-8", None, 0, (None, 0)),  # a CPU job, said so
+    ("e2-standard-8", None, 0, (None, 0)),
+])
+def test_launcher_fills_in_what_the_machine_fixes(machine, accelerator, count, expected):
+  assert accelerators.gpu_for_machine(machine, accelerator, count) == expected
+
+
+@pytest.mark.parametrize("machine, accelerator, count, cause", [
+    ("n1-standard-8", None, 4, "a GPU count needs --accelerator_type"),  # today: a CPU job
+    ("n1-standard-8", "NVIDIA_TESLA_T4", -3, "--accelerator_count=-3: at least 1"),
+    ("a2-highgpu-1g", "NVIDIA_L4", 0, "a2-highgpu-1g has 1 × NVIDIA_TESLA_A100"),
+    ("a2-highgpu-1g", None, 2, "a2-highgpu-1g has 1 × NVIDIA_TESLA_A100"),
+    ("a2-highgpu-3g", None, 0, "a2-highgpu-1g, a2-highgpu-2g"),
+    ("n1-standard-8", "NVIDIA_L4", 1, "N1 machines take NVIDIA_TESLA_T4"),
+    ("n1-standard-8", "NVIDIA_TESLA_T4", 3, "in counts of 1, 2, 4, 8"),
+    ("a4x-highgpu-4g", None, 0, "ARM"),
+    ("n1-standard-8", "NVIDIA_TESLA_K80", 1, "N1 machines take"),
+    ("x9-custom-8", "NVIDIA_TESLA_K80", 1, "compute capability 3.7"),
+])
+def test_launcher_refuses_what_vertex_would_refuse_or_what_drops_the_gpu(machine, accelerator, count, cause):
+  with pytest.raises(vertex.cli.UserError, match=re.escape(cause)) as refused:
+    accelerators.gpu_for_machine(machine, accelerator, count)
+  assert f"--machine_type={machine}" in str(refused.value) or "--accelerator_count" in str(refused.value)
+
+
+def test_an_unknown_machine_family_passes_with_a_warning(caplog):
+  assert accelerators.gpu_for_machine("z9-gpu-4", "NVIDIA_L4", 0) == ("NVIDIA_L4", 1)
+  assert "not in this launcher's table" in caplog.text
+
+
+def test_the_job_is_told_what_it_was_given():
+  pools = dry_run("--machine_type=a2-highgpu-2g")["jobSpec"]["workerPoolSpecs"]
+  assert pools[0]["machineSpec"] == {"machineType": "a2-highgpu-2g", "acceleratorType": "NVIDIA_TESLA_A100",
+                                     "acceleratorCount": 2}
+  assert pools[0]["containerSpec"]["env"] == [{"name": "EXPECTED_ACCELERATOR", "value": "NVIDIA_TESLA_A100:2"}]
+  assert "env" not in dry_run("--machine_type=n1-standard-8")["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+  warned = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s", "--model_dir=gs://b/r",
+                      "--machine_type=a3-highgpu-1g")
+  assert "no compiled kernels for NVIDIA_H100_80GB" in warned.stderr
+
+
+def test_the_device_names_tensorflow_reports_match_the_table():
+  # Device names as TensorFlow's get_device_details reports them on these GPUs.
+  for accelerator, name in [("NVIDIA_L4", "NVIDIA L4"), ("NVIDIA_TESLA_T4", "Tesla T4"),
+                            ("NVIDIA_TESLA_A100", "NVIDIA A100-SXM4-40GB"), ("NVIDIA_H100_80GB", "NVIDIA H100 80GB HBM3"),
+                            ("NVIDIA_TESLA_P4", "Tesla P4"), ("NVIDIA_TESLA_V100", "Tesla V100-SXM2-16GB")]:
+    assert accelerators.GPUS[accelerator].matches(name), (accelerator, name)
+  assert not accelerators.GPUS["NVIDIA_L4"].matches("NVIDIA L40S")
+  assert not accelerators.GPUS["NVIDIA_TESLA_P4"].matches("Tesla P40")
+  assert not accelerators.GPUS["NVIDIA_TESLA_A100"].matches("Tesla T4")
+
+
 def test_multi_gpu_command():
   assert multi_gpu.command(["--data_dir=d"], num_gpus=4)[1:] == ["-m", "job.train", "--strategy=mirrored",
                                                                   "--data_dir=d"]
   with pytest.raises(Exception, match="no GPU"):
     multi_gpu.command([], num_gpus=0)
+  assert multi_gpu.environment(4)["EXPECTED_ACCELERATOR"] == "GPU:4"
 
 
 def test_hypertune_reports_the_monitored_metric(tmp_path, monkeypatch):

@@ -1,0 +1,282 @@
+"""What a job was given, and whether TensorFlow sees it: one GPU table for the launcher and the job.
+
+The launcher (launch/vertex.py) checks a machine against the table before it submits
+anything, and tells the job what it asked for in the container's environment
+(EXPECTED_ACCELERATOR_ENV, "NVIDIA_L4:1": type and count per replica; an environment
+variable, so that an image built before it is not broken by an unknown flag).
+launch.multi_gpu counts a VM's GPUs without TensorFlow; `job.train
+--expected_accelerator` says it by hand. `guard` then compares it with what TensorFlow
+sees, before any data is read: a job billed for GPUs never trains on the CPU in silence.
+
+TensorFlow's own "Cannot dlopen some GPU libraries" is a C++ log line that Python cannot
+see, so `diagnose` asks the driver and the libraries itself, with ctypes, in the order
+TensorFlow loads them. This module imports no TensorFlow at module level (the launchers
+use the table).
+"""
+
+import ctypes
+import dataclasses
+import glob
+import importlib.util
+import os
+import re
+
+from absl import logging
+
+from tfrecords import cli
+
+EXPECTED_ACCELERATOR_ENV = "EXPECTED_ACCELERATOR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  model: str  # how TensorFlow's device name shows it ("NVIDIA L4", "Tesla T4", "NVIDIA A100-SXM4-80GB")
+  compute_capability: tuple[int, int]
+  arm_only: bool = False  # on Vertex AI only in ARM machines, which cannot run this x86 image
+
+  def matches(self, device_name: str) -> bool:
+    return re.search(rf"(^|[\s-]){re.escape(self.model)}($|[\s-])", device_name) is not None
+
+
+# Vertex AI's accelerator names → the GPU. Compute capabilities from NVIDIA's CUDA GPU list.
+GPUS = {
+    "NVIDIA_TESLA_K80": Gpu("K80", (3, 7)),
+    "NVIDIA_TESLA_P4": Gpu("P4", (6, 1)),
+    "NVIDIA_TESLA_P100": Gpu("P100", (6, 0)),
+    "NVIDIA_TESLA_V100": Gpu("V100", (7, 0)),
+    "NVIDIA_TESLA_T4": Gpu("T4", (7, 5)),
+    "NVIDIA_TESLA_A100": Gpu("A100", (8, 0)),
+    "NVIDIA_A100_80GB": Gpu("A100", (8, 0)),
+    "NVIDIA_L4": Gpu("L4", (8, 9)),
+    "NVIDIA_H100_80GB": Gpu("H100", (9, 0)),
+    "NVIDIA_H100_MEGA_80GB": Gpu("H100", (9, 0)),
+    "NVIDIA_H200_141GB": Gpu("H200", (9, 0)),
+    "NVIDIA_B200": Gpu("B200", (10, 0)),
+    "NVIDIA_GB200": Gpu("GB200", (10, 0), arm_only=True),
+    "NVIDIA_RTX_PRO_6000": Gpu("RTX PRO 6000", (12, 0)),
+}
+# TensorFlow 2.21's GPU build carries kernels for sm_60 and newer (tf.sysconfig.get_build_info():
+# sm_60, sm_70, sm_80, sm_89, compute_90), and the pinned cuDNN (requirements/constraints-gpu.txt)
+# supports Maxwell and newer: a Kepler K80 (also retired by Vertex AI) can run neither.
+MIN_COMPUTE_CAPABILITY = (6, 0)
+# Compiled kernels in TensorFlow 2.21; newer GPUs run the compute_90 PTX, compiled by the driver
+# at the first start (TensorFlow warns that this can take a long time; the Dockerfile sizes the
+# CUDA compute cache so that a restart in the same container reuses it).
+COMPILED_CAPABILITIES = ((6, 0), (7, 0), (8, 0), (8, 9))
+
+# Machine families whose name fixes the GPU (Vertex AI, "Configure compute resources for custom
+# training"): family → (accelerator, {machine type → GPUs per machine}).
+FIXED = {
+    "a2-highgpu": ("NVIDIA_TESLA_A100", {"a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4,
+                                         "a2-highgpu-8g": 8}),
+    "a2-megagpu": ("NVIDIA_TESLA_A100", {"a2-megagpu-16g": 16}),
+    "a2-ultragpu": ("NVIDIA_A100_80GB", {"a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4,
+                                         "a2-ultragpu-8g": 8}),
+    "a3-highgpu": ("NVIDIA_H100_80GB", {"a3-highgpu-1g": 1, "a3-highgpu-2g": 2, "a3-highgpu-4g": 4,
+                                        "a3-highgpu-8g": 8}),
+    "a3-megagpu": ("NVIDIA_H100_MEGA_80GB", {"a3-megagpu-8g": 8}),
+    "a3-ultragpu": ("NVIDIA_H200_141GB", {"a3-ultragpu-8g": 8}),
+    "a4-highgpu": ("NVIDIA_B200", {"a4-highgpu-8g": 8}),
+    "a4x-highgpu": ("NVIDIA_GB200", {"a4x-highgpu-4g": 4}),
+    "g2-standard": ("NVIDIA_L4", {"g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1,
+                                  "g2-standard-16": 1, "g2-standard-32": 1, "g2-standard-24": 2,
+                                  "g2-standard-48": 4, "g2-standard-96": 8}),
+    "g4-standard": ("NVIDIA_RTX_PRO_6000", {"g4-standard-48": 1, "g4-standard-96": 2, "g4-standard-192": 4,
+                                            "g4-standard-384": 8}),
+}
+# N1 machines take these GPUs, in these counts (the vCPU limits per count are Vertex's to check).
+N1_GPUS = ("NVIDIA_TESLA_T4", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P100", "NVIDIA_TESLA_P4")
+N1_COUNTS = (1, 2, 4, 8)
+
+
+def _family(machine_type: str) -> str:
+  return machine_type.rsplit("-", 1)[0] if machine_type.count("-") >= 2 else machine_type
+
+
+def gpu_for_machine(machine_type: str, accelerator_type: str | None, accelerator_count: int
+                    ) -> tuple[str | None, int]:
+  """(accelerator type, count per machine) that Vertex AI would take for this machine, filled in
+  where the machine's name fixes them; or a UserError that names the flags and what the machine
+  takes. A CPU machine gives (None, 0)."""
+  given = f"--machine_type={machine_type}" + (f" --accelerator_type={accelerator_type}" if accelerator_type
+                                              else "") + (f" --accelerator_count={accelerator_count}"
+                                                          if accelerator_count else "")
+  if accelerator_count < 0:
+    raise cli.UserError(f"--accelerator_count={accelerator_count}: at least 1 (or leave it out)")
+  if accelerator_type and accelerator_type not in GPUS:
+    raise cli.UserError(f"--accelerator_type={accelerator_type}: not a GPU this job knows "
+                        f"({', '.join(GPUS)})")
+  family = _family(machine_type)
+  if family in FIXED:
+    fixed_type, counts = FIXED[family]
+    if machine_type not in counts:
+      raise cli.UserError(f"{given}: Vertex AI's {family} machines are {', '.join(counts)}")
+    count = counts[machine_type]
+    if accelerator_type not in (None, fixed_type) or accelerator_count not in (0, count):
+      raise cli.UserError(f"{given}: {machine_type} has {count} × {fixed_type}; leave out "
+                          "--accelerator_type and --accelerator_count, or give exactly those")
+    accelerator_type, accelerator_count = fixed_type, count
+  elif family.startswith("n1-"):
+    if accelerator_count and not accelerator_type:
+      raise cli.UserError(f"{given}: a GPU count needs --accelerator_type (N1 machines take "
+                          f"{', '.join(N1_GPUS)}); without it the job would run on the CPU")
+    if accelerator_type:
+      if accelerator_type not in N1_GPUS:
+        raise cli.UserError(f"{given}: N1 machines take {', '.join(N1_GPUS)}; {accelerator_type} "
+                            "comes with its own machine type (e.g. a2-highgpu-1g for A100, g2-standard-8 "
+                            "for L4, a3-highgpu-1g for H100)")
+      accelerator_count = accelerator_count or 1
+      if accelerator_count not in N1_COUNTS:
+        raise cli.UserError(f"{given}: N1 machines take {accelerator_type} in counts of "
+                            f"{', '.join(map(str, N1_COUNTS))}")
+  else:
+    if accelerator_count and not accelerator_type:
+      raise cli.UserError(f"{given}: a GPU count needs --accelerator_type; without it the job would "
+                          "run on the CPU")
+    if accelerator_type:
+      logging.warning("%s: machine family %s is not in this launcher's table; Vertex AI will say "
+                      "whether it takes %s", given, family, accelerator_type)
+      accelerator_count = accelerator_count or 1
+  if accelerator_type:
+    gpu = GPUS[accelerator_type]
+    if gpu.arm_only:
+      raise cli.UserError(f"{given}: {accelerator_type} machines are ARM (aarch64); the trainer image is "
+                          "x86-64 only")
+    if gpu.compute_capability < MIN_COMPUTE_CAPABILITY:
+      raise cli.UserError(f"{given}: {accelerator_type} (compute capability "
+                          f"{'.'.join(map(str, gpu.compute_capability))}) is older than TensorFlow's GPU "
+                          f"build and the pinned cuDNN support (compute capability "
+                          f"{'.'.join(map(str, MIN_COMPUTE_CAPABILITY))} and newer)")
+  return accelerator_type, accelerator_count
+
+
+def jit_warning(accelerator_type: str) -> str | None:
+  """Said when TensorFlow has no compiled kernels for the GPU. A kernel compiled for sm_XY runs
+  on X.Y and newer GPUs of the same major version; others get the compute_90 PTX compiled by
+  the driver at the first start."""
+  major, minor = GPUS[accelerator_type].compute_capability
+  if any(m == major and n <= minor for m, n in COMPILED_CAPABILITIES):
+    return None
+  return (f"TensorFlow 2.21 has no compiled kernels for {accelerator_type} (compute capability "
+          f"{major}.{minor}): the first start compiles them from PTX, which TensorFlow warns can take a "
+          "long time (not measured here: a preflight on the machine shows it)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+  """What the job was given: `count` GPUs (of `accelerator`, when known), or a TPU."""
+  accelerator: str | None  # a GPUS key, "GPU" (any model) or a TPU name
+  count: int
+  source: str  # where it was said, for the message
+
+  @property
+  def is_tpu(self) -> bool:
+    return (self.accelerator or "").startswith("TPU")
+
+
+def parse_expected(value: str, source: str) -> Expected | None:
+  """"NVIDIA_L4:1", "GPU:2" (any model), "TPU_V3:8", or "" / "none" (nothing said)."""
+  value = (value or "").strip()
+  if value.lower() in ("", "none"):
+    return None
+  match = re.fullmatch(r"([A-Za-z0-9_]+):(\d+)", value)
+  name = match and match.group(1)
+  if not match or not (name in GPUS or name.upper() == "GPU" or name.startswith("TPU")) or int(match.group(2)) < 1:
+    raise cli.UserError(f"{source}={value}: expected TYPE:COUNT, e.g. NVIDIA_L4:1 or GPU:2 (types: "
+                        f"{', '.join(GPUS)})")
+  return Expected("GPU" if name.upper() == "GPU" else name, int(match.group(2)), source)
+
+
+def count_gpus_without_tensorflow() -> int:
+  """The GPUs the NVIDIA driver shows (for launch.multi_gpu, before TensorFlow loads)."""
+  folder = "/proc/driver/nvidia/gpus"
+  return len(os.listdir(folder)) if os.path.isdir(folder) else 0
+
+
+# --- The guard ---------------------------------------------------------------------------------
+
+CUDA_ERRORS = {
+    2: "CUDA_ERROR_OUT_OF_MEMORY",
+    3: "CUDA_ERROR_NOT_INITIALIZED",
+    35: "CUDA_ERROR_INSUFFICIENT_DRIVER: the NVIDIA driver is older than this CUDA needs",
+    46: "CUDA_ERROR_DEVICES_UNAVAILABLE: the GPUs are busy or in exclusive use by another process",
+    100: "CUDA_ERROR_NO_DEVICE: the driver sees no GPU (check NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES)",
+    101: "CUDA_ERROR_INVALID_DEVICE",
+    303: "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED",
+    803: "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: the driver's library and kernel module are of different versions",
+    804: "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+    999: "CUDA_ERROR_UNKNOWN",
+}
+# The libraries TensorFlow's GPU build opens, in its order; pip's NVIDIA wheels put them in
+# site-packages/nvidia/<package>/lib, which TensorFlow searches ($ORIGIN/../nvidia/*/lib).
+GPU_LIBRARIES = ("libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12", "libcufft.so.11",
+                 "libcusolver.so.11", "libcusparse.so.12", "libcudnn.so.9", "libnccl.so.2")
+
+
+def _nvidia_library_dirs() -> list[str]:
+  spec = importlib.util.find_spec("nvidia")
+  roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+  return sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "lib")))
+
+
+def diagnose(load=ctypes.CDLL) -> str:
+  """Why the GPU libraries did not load, or that they do: the driver first (libcuda.so.1,
+  cuInit, its CUDA version), then each library from the nvidia/*/lib folders."""
+  try:
+    cuda = load("libcuda.so.1")
+  except OSError as e:
+    return (f"libcuda.so.1 cannot be loaded ({e}): no NVIDIA driver in this environment (a container "
+            "needs the host's driver mounted: Vertex AI does it for GPU machines, Docker needs --gpus all "
+            "with NVIDIA's container toolkit)")
+  status = cuda.cuInit(0)
+  if status:
+    return f"the NVIDIA driver failed to start: cuInit returned {status} ({CUDA_ERRORS.get(status, 'see cuda.h')})"
+  version = ctypes.c_int(0)
+  cuda.cuDriverGetVersion(ctypes.byref(version))
+  driver = f"{version.value // 1000}.{version.value % 1000 // 10}"
+  count = ctypes.c_int(0)
+  cuda.cuDeviceGetCount(ctypes.byref(count))
+  folders = _nvidia_library_dirs()
+  for name in GPU_LIBRARIES:
+    paths = [os.path.join(d, name) for d in folders if os.path.exists(os.path.join(d, name))]
+    if not paths:
+      return (f"the driver (CUDA {driver}) sees {count.value} GPU(s), but {name} is not installed: install "
+              "the package with its gpu extra (pip install '.[gpu]'), which brings pip's NVIDIA libraries")
+    try:
+      load(paths[0])
+    except OSError as e:
+      return f"the driver (CUDA {driver}) sees {count.value} GPU(s), but {paths[0]} failed to load: {e}"
+  return f"the driver (CUDA {driver}) sees {count.value} GPU(s) and every GPU library loads"
+
+
+def build_versions() -> str:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  info = tf.sysconfig.get_build_info()
+  if not info.get("is_cuda_build"):
+    return f"TensorFlow {tf.__version__} is not a CUDA build"
+  return (f"TensorFlow {tf.__version__} is built for CUDA {info.get('cuda_version')} and cuDNN "
+          f"{info.get('cudnn_version')}")
+
+
+def visible_gpus() -> list[str]:
+  """TensorFlow's GPUs, by device name ("NVIDIA L4")."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+          for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def guard(expected: Expected | None):
+  """Stops the job, in one line, when TensorFlow does not see the GPUs it was given. TPUs are
+  checked where the TPU strategy is made (it stops when none answers)."""
+  if expected is None or expected.is_tpu:
+    return
+  names = visible_gpus()
+  gpu = GPUS.get(expected.accelerator)
+  wrong_model = [n for n in names if gpu and not gpu.matches(n)]
+  if len(names) == expected.count and not wrong_model:
+    logging.info("accelerator check: %d GPU(s) as expected (%s)", len(names), ", ".join(names))
+    return
+  what = f"{expected.count} × {expected.accelerator}"
+  seen = f"{len(names)} GPU(s)" + (f" ({', '.join(names)})" if names else "")
+  raise cli.UserError(f"accelerator check: expected {what} ({expected.source}), TensorFlow sees {seen}; "
+                      f"{build_versions()}; {diagnose()}. Nothing was read or written.")
