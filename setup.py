@@ -30,6 +30,10 @@ setup(
         "tqdm>=4.60",  # progress bars in a terminal
     ],
     extras_require={
+        # A GPU: TensorFlow with pip's NVIDIA wheels (CUDA runtime, cuDNN, cuBLAS, NCCL, nvcc's
+        # ptxas and libdevice for XLA), at the same pin; only the driver comes from the host.
+        # Plain `tensorflow` on Linux brings no CUDA libraries and trains on the CPU.
+        "gpu": ["tensorflow[and-cuda]==2.21.0"],
         # The launchers (launch/): the Vertex AI client. Not in the trainer image.
         "launch": ["google-cloud-aiplatform>=1.60"],
         # The launcher's tests build real aiplatform_v1 messages and talk to a local gRPC

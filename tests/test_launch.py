@@ -267,8 +267,18 @@ def test_hypertune_reports_the_monitored_metric(tmp_path, monkeypatch):
 def test_dockerfile_matches_the_pinned_tensorflow_and_entrypoint():
   dockerfile = open(os.path.join(REPO, "Dockerfile")).read()
   pinned = re.search(r'"tensorflow==([\d.]+)"', open(os.path.join(REPO, "setup.py")).read()).group(1)
-  assert f"ARG TF_VERSION={pinned}" in dockerfile
-  assert "FROM tensorflow/tensorflow:${TF_VERSION}-gpu" in dockerfile
+  # The GPU image: a Python base and pip's NVIDIA wheels through the gpu extra, at setup.py's pin
+  # (TensorFlow's own -gpu images since 2.18 carry a cuDNN 8 that TensorFlow cannot load).
+  assert "FROM tensorflow/tensorflow" not in dockerfile
+  python = re.search(r"Written by requirements/lock.py for Python ([\d.]+)",
+                     open(os.path.join(REPO, "requirements", "constraints-gpu.txt")).read()).group(1)
+  assert f"FROM python:{python}-slim AS base-gpu" in dockerfile
+  assert f'"gpu": ["tensorflow[and-cuda]=={pinned}"]' in open(os.path.join(REPO, "setup.py")).read()
+  assert 'pip install --no-cache-dir -c requirements/constraints-gpu.txt ".[gpu]"' in dockerfile
+  gpu_base = dockerfile.split("AS base-gpu", 1)[1].split("FROM ", 1)[0]
+  for setting in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+                  "LD_LIBRARY_PATH=/usr/local/nvidia/lib64", "CUDA_CACHE_MAXSIZE="):
+    assert setting in gpu_base, setting
   entrypoint = json.loads(re.search(r"ENTRYPOINT (\[.*\])", dockerfile).group(1))
   assert entrypoint[:2] == ["python", "-m"] and os.path.exists(
       os.path.join(REPO, entrypoint[2].replace(".", "/") + ".py"))
@@ -357,6 +367,27 @@ def test_constraints_pin_every_package_each_install_needs(variant, installs):
   used_by = open(os.path.join(REPO, ".ci", "run")).read() if variant == "test" else open(
       os.path.join(REPO, "Dockerfile")).read()
   assert f"-c requirements/constraints-{variant}.txt" in used_by
+
+
+def test_gpu_constraints_pin_the_cuda_libraries_tensorflow_was_built_against():
+  """pip's NVIDIA wheels in constraints-gpu.txt against tf.sysconfig.get_build_info() of the
+  TensorFlow installed here (the same release): cuDNN and the CUDA runtime of the same major
+  version (minor versions are compatible within one), cuBLAS of the CUDA major, and the rest
+  of what TensorFlow opens (job/accelerators.py's GPU_LIBRARIES) pinned."""
+  import tensorflow as tf
+  info = tf.sysconfig.get_build_info()
+  pins = dict(line.strip().split("==") for line in open(os.path.join(REPO, "requirements", "constraints-gpu.txt"))
+              if line.strip() and not line.startswith("#"))
+  cuda_major = info["cuda_version"].split(".")[0]
+  assert pins["tensorflow"] == tf.__version__
+  assert pins["nvidia-cudnn-cu12"].split(".")[0] == str(info["cudnn_version"]).split(".")[0]
+  assert pins["nvidia-cuda-runtime-cu12"].split(".")[0] == cuda_major
+  assert pins["nvidia-cublas-cu12"].split(".")[0] == cuda_major
+  for package in ("nvidia-cufft-cu12", "nvidia-cusolver-cu12", "nvidia-cusparse-cu12", "nvidia-nccl-cu12",
+                  "nvidia-cuda-nvcc-cu12"):  # nvcc: ptxas and libdevice, which XLA needs on a GPU
+    assert package in pins, package
+  # The held cuDNN still supports the oldest GPU the launcher accepts (requirements/lock.py says why).
+  assert pins["nvidia-cudnn-cu12"] == "9.10.2.21" and accelerators.MIN_COMPUTE_CAPABILITY == (6, 0)
 
 
 def test_gpu_image_runs_as_an_unprivileged_user():
