@@ -18,6 +18,7 @@ RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 CALIBRATION_FILE = "calibration.json"
+PREFLIGHT_FILE = "preflight.json"  # job.preflight's report: the only file a preflight leaves
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 TRAINING_CURVES_PLOT = "training_curves.png"
 RELIABILITY_PLOT = "reliability_diagram.png"

@@ -233,10 +233,8 @@ def preflight(cfg: config_lib.TrainConfig) -> dict:
   return manifest
 
 
-def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
-  """Trains both stages and evaluates; returns the test metrics (or {})."""
-  # First, before any data is read: a job given GPUs that TensorFlow cannot use stops here.
-  accelerators.guard(config_lib.expected_accelerator(cfg))
+def set_up_devices(cfg: config_lib.TrainConfig) -> tuple[tf.distribute.Strategy, str, bool]:
+  """The strategy, the dtype policy (set) and whether XLA compiles the step; seeds set."""
   if cfg.cpu_devices:
     distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
   strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)
@@ -249,6 +247,23 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   performance.set_policy(policy)
   xla = performance.use_xla(cfg.jit_compile, strategy_name, cfg.run_eagerly)
   keras.utils.set_random_seed(cfg.seed)
+  return strategy, policy, xla
+
+
+def build_models(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
+                 num_classes: int) -> tuple[keras.Model, keras.Model]:
+  """The inner model and the training wrapper around it, in the strategy's scope."""
+  with strategy.scope():
+    inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes)
+    wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+  return inner, wrapper
+
+
+def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
+  """Trains both stages and evaluates; returns the test metrics (or {})."""
+  # First, before any data is read: a job given GPUs that TensorFlow cannot use stops here.
+  accelerators.guard(config_lib.expected_accelerator(cfg))
+  strategy, policy, xla = set_up_devices(cfg)
   chief = distribute_utils.is_chief(strategy)
   manifest = preflight(cfg)
   manifest_sha256 = fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE))
@@ -301,9 +316,7 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
                "on" if xla else "off", learning_rates[1], learning_rates[2], cfg.lr_scaling,
                cfg.base_batch_size)
 
-  with strategy.scope():
-    inner = model_lib.build_inner_model(cfg.weights, num_classes=len(class_names))
-    wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+  inner, wrapper = build_models(cfg, strategy, len(class_names))
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
               weights, learning_rates, manifest_sha256, model_dir, chief)
   try:

@@ -6,6 +6,7 @@ r"""Submits the training job to Vertex AI as a CustomJob.
       --machine_type=a2-highgpu-1g --accelerator_type=NVIDIA_TESLA_A100 --accelerator_count=1 \
       [--replica_count=2] [--spot] [--dry_run [--output=job.json]] -- --stage1_epochs=10
   python -m launch.vertex ... --tune --max_trials=20 --parallel_trials=4
+  python -m launch.vertex ... --preflight     # job.preflight on the same machines, its report printed
 
 Everything after `--` goes to `python -m job.train` unchanged. `--model_dir`
 becomes the job's base output directory, so Vertex AI sets AIP_MODEL_DIR,
@@ -63,6 +64,9 @@ def define_flags():
   flags.DEFINE_bool("wait", False, "Follow the job until it ends, printing each state change; exit 1 "
                     "unless it succeeded.")
   flags.DEFINE_integer("poll_seconds", 60, "With --wait: seconds between state checks.")
+  flags.DEFINE_bool("preflight", False, "Run job.preflight instead of job.train on the same image and "
+                    "machines (a few minutes, with a short timeout), wait for it, and print its report "
+                    "(preflight.json, read back from the job's model folder).")
 
 
 # What --tune searches: the two stages' learning rates (at --base_batch_size; the job scales
@@ -150,8 +154,10 @@ def trainer_args(data_dir: str, machine_type: str, accelerator_type: str | None,
 
 def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_dir: str, machine_type: str,
                      accelerator_type: str | None, accelerator_count: int, replica_count: int, spot: bool,
-                     service_account: str | None, tensorboard: str | None, passthrough: list[str]):
-  """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it)."""
+                     service_account: str | None, tensorboard: str | None, passthrough: list[str],
+                     preflight: bool = False):
+  """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it).
+  preflight: the same job running job.preflight, bounded by PREFLIGHT_TIMEOUT."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   if replica_count < 1:
     raise cli.UserError(f"--replica_count={replica_count}: at least 1 (it counts the chief)")
@@ -161,6 +167,8 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
     machine = gpu_machine_spec(v1, machine_type, accelerator_type, accelerator_count)
   container = v1.ContainerSpec(image_uri=image_uri, args=trainer_args(
       data_dir, machine_type, accelerator_type, replica_count, passthrough))
+  if preflight:  # the image's entrypoint is job.train: the command replaces it
+    container.command = ["python", "-m", "job.preflight"]
   expected = expected_accelerator(machine)
   if expected:
     container.env = [v1.EnvVar(name=accelerators.EXPECTED_ACCELERATOR_ENV, value=expected)]
@@ -176,6 +184,9 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
     spec.scheduling = v1.Scheduling(restart_job_on_worker_restart=replica_count > 1)
     if spot:
       spec.scheduling.strategy = v1.Scheduling.Strategy.SPOT
+  if preflight:
+    spec.scheduling = spec.scheduling or v1.Scheduling()
+    spec.scheduling.timeout = PREFLIGHT_TIMEOUT
   if tensorboard and not service_account:
     raise cli.UserError(f"--tensorboard={tensorboard} needs --service_account: Vertex AI writes to a "
                         "TensorBoard only as a service account that may")
@@ -219,6 +230,39 @@ def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_tria
   return v1.HyperparameterTuningJob(display_name=custom_job.display_name, study_spec=study_spec,
                                     max_trial_count=max_trials, parallel_trial_count=parallel_trials,
                                     trial_job_spec=custom_job.job_spec)
+
+
+# A preflight compiles and times a few steps: on a machine that works it is done in minutes.
+PREFLIGHT_TIMEOUT = "1800s"
+PREFLIGHT_REPORT = "model/preflight.json"  # below the base output directory: AIP_MODEL_DIR's report
+
+
+def read_preflight_report(model_dir: str, client=None) -> dict | None:
+  """The preflight's report from the job's base output directory (gs://), or None if it wrote none."""
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  client = client or storage.Client()
+  bucket, _, prefix = model_dir[len("gs://"):].partition("/")
+  blob = client.bucket(bucket).blob(f"{prefix.rstrip('/')}/{PREFLIGHT_REPORT}".lstrip("/"))
+  if not blob.exists():
+    return None
+  return json.loads(blob.download_as_text())
+
+
+def print_preflight_report(report: dict | None, model_dir: str):
+  """The report as one JSON line on stdout, its verdict on stderr; a UserError unless it passed."""
+  if report is None:
+    raise cli.UserError(f"the preflight wrote no report to {model_dir}/{PREFLIGHT_REPORT}: it stopped before "
+                        "it could (see the job's logs)")
+  print(json.dumps(report), flush=True)
+  for check in report["checks"]:
+    detail = check["detail"] if isinstance(check["detail"], str) else json.dumps(check["detail"])
+    print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']:<11} {detail[:300]}", file=sys.stderr)
+  if not report["ok"]:
+    raise cli.UserError(f"the preflight failed at its {report['failed_check']} check")
+  print(f"preflight passed: {report['strategy']} × {report['replicas']}, {report['precision']}, XLA "
+        f"{'on' if report['xla'] else 'off'}: first step {report['compile_seconds']} s, "
+        f"{report['images_per_second']} images/s, waiting for input {100 * report['input_wait_share']:.0f}%",
+        file=sys.stderr, flush=True)
 
 
 FINAL_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
@@ -305,11 +349,15 @@ def main(argv):
     raise cli.UserError("--output writes the job's JSON instead of submitting it: add --dry_run")
   data_dir, model_dir = gcs_path("data_dir", FLAGS.data_dir), gcs_path("model_dir", FLAGS.model_dir)
   job = build_custom_job(
-      display_name=FLAGS.display_name or f"ham10000-resnet50-{time.strftime('%Y%m%d-%H%M%S')}",
+      display_name=FLAGS.display_name or (f"ham10000-resnet50-{'preflight-' if FLAGS.preflight else ''}"
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}"),
       image_uri=FLAGS.image_uri, data_dir=data_dir, model_dir=model_dir,
       machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
       accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
-      service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough)
+      service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough,
+      preflight=FLAGS.preflight)
+  if FLAGS.preflight and FLAGS.tune:
+    raise cli.UserError("--preflight checks one machine shape before a run; give it without --tune")
   if FLAGS.tune:
     job = build_tuning_job(job, monitor=monitor_of(passthrough), max_trials=FLAGS.max_trials,
                            parallel_trials=FLAGS.parallel_trials)
@@ -318,7 +366,13 @@ def main(argv):
     return
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   client = v1.JobServiceClient(client_options={"api_endpoint": api_endpoint(FLAGS.region)})
-  submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
+  if not FLAGS.preflight:
+    submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
+    return
+  try:
+    submit(client, job, FLAGS.project, FLAGS.region, wait=True, poll_seconds=FLAGS.poll_seconds)
+  finally:  # a failed check ends the job FAILED: its report says which
+    print_preflight_report(read_preflight_report(model_dir), model_dir)
 
 
 if __name__ == "__main__":

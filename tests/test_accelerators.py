@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from helpers import REPO
-from job import accelerators
+from job import accelerators, config as config_lib, preflight
 from launch import vertex
 
 
@@ -104,3 +105,65 @@ def test_the_diagnosis_names_the_driver_error_or_the_first_library_that_fails(tm
   said = accelerators.diagnose(loader(FakeDriver(), failing={"libcudnn.so.9"}))
   assert "nvidia/cudnn/lib/libcudnn.so.9 failed to load: " in said and "undefined symbol" in said
   assert "every GPU library loads" in accelerators.diagnose(loader(FakeDriver()))
+
+
+# --- job.preflight ---------------------------------------------------------------------------
+
+PREFLIGHT_FLAGS = ["--weights=none", "--image_size=32", "--global_batch_size=16", "--preflight_steps=3"]
+
+
+def run_preflight(*args):
+  result = subprocess.run([sys.executable, "-m", "job.preflight", *PREFLIGHT_FLAGS, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  return result, json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
+
+
+@pytest.mark.parametrize("strategy_flags, replicas", [([], 1), (["--strategy=mirrored", "--cpu_devices=2"], 2)])
+def test_preflight_compiles_and_times_the_real_step(shards_dir, tmp_path, strategy_flags, replicas):
+  model_dir = tmp_path / "run"
+  result, report = run_preflight(f"--data_dir={shards_dir}", f"--model_dir={model_dir}", *strategy_flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert report["ok"] and report["failed_check"] is None and report["replicas"] == replicas
+  assert [c["check"] for c in report["checks"]] == list(preflight.CHECKS)
+  assert report["strategy"] == ("MirroredStrategy" if replicas > 1 else "OneDeviceStrategy")
+  assert report["precision"] == "float32" and report["xla"] is False  # a CPU: the job's own decisions
+  assert report["compile_seconds"] > 0 and report["images_per_second"] > 0
+  assert 0 <= report["input_wait_share"] <= 1 and report["peak_memory_bytes"] is None  # no GPU here
+  assert report["checks"][3]["detail"]["first_batches"]["test"] == [16, 32, 32, 3]
+  assert "preflight passed" in result.stderr and "images/s" in result.stderr
+  # It trains no run: its report is all it leaves, the same as it printed.
+  assert sorted(os.listdir(model_dir)) == ["preflight.json"]
+  assert json.load(open(model_dir / "preflight.json")) == report
+
+
+def test_preflight_names_a_damaged_shard_and_stops_there(shards_dir, tmp_path):
+  data_dir = tmp_path / "shards"
+  shutil.copytree(shards_dir, data_dir)
+  shard = sorted(data_dir.glob("validation-*.tfrecord"))[0]
+  content = bytearray(shard.read_bytes())
+  content[len(content) // 2] ^= 0xFF
+  shard.write_bytes(bytes(content))
+  cfg = config_lib.TrainConfig(data_dir=str(data_dir), model_dir=str(tmp_path / "run"), weights="none",
+                               image_size=32, global_batch_size=16, strategy="one_device")
+  report = preflight.run_checks(cfg, steps=3)
+  assert not report["ok"] and report["failed_check"] == "data"
+  assert shard.name in report["checks"][-1]["detail"]
+  assert [c["check"] for c in report["checks"]] == ["devices", "accelerator", "strategy", "data"]
+  assert report["images_per_second"] is None  # nothing was built or trained
+
+
+def test_preflight_names_an_unwritable_model_dir(shards_dir, tmp_path):
+  (tmp_path / "a_file").write_text("not a folder")
+  cfg = config_lib.TrainConfig(data_dir=shards_dir, model_dir=str(tmp_path / "a_file" / "run"), weights="none",
+                               image_size=32, global_batch_size=16, strategy="one_device")
+  report = preflight.run_checks(cfg, steps=3)
+  assert not report["ok"] and report["failed_check"] == "storage"
+  assert report["checks"][-1]["detail"].startswith(f"--model_dir={tmp_path / 'a_file' / 'run'} is not writable")
+
+
+def test_preflight_exits_non_zero_naming_the_failed_check(shards_dir, tmp_path):
+  result, report = run_preflight(f"--data_dir={shards_dir}", f"--model_dir={tmp_path / 'run'}",
+                                 "--expected_accelerator=NVIDIA_L4:1")
+  assert result.returncode == preflight.EXIT_CHECK_FAILED
+  assert report["failed_check"] == "accelerator" and "FAILED at accelerator" in result.stderr
+  assert "libcuda.so.1" in report["checks"][-1]["detail"]

@@ -178,3 +178,14 @@ def test_isic_zip_archives_on_gcs_convert_to_the_kaggle_copys_split(shards_on_gc
     return pd.read_csv(bucket.blob(f"{prefix}/split.csv").open("r")).set_index("image_id").sort_index()
 
   assert split_of("isic_shards").equals(split_of("shards"))
+
+
+def test_launch_vertex_reads_the_preflight_report_back_from_the_bucket(bucket, gcs):
+  """job.preflight on Vertex AI writes AIP_MODEL_DIR/preflight.json; the launcher finds it below
+  the base output directory it gave the job."""
+  from launch import vertex
+  client = storage.Client(project="test", credentials=AnonymousCredentials())
+  assert vertex.read_preflight_report(gcs.url("preflight-run"), client) is None
+  report = {"ok": True, "failed_check": None, "checks": []}
+  bucket.blob("preflight-run/model/preflight.json").upload_from_string(json.dumps(report))
+  assert vertex.read_preflight_report(gcs.url("preflight-run"), client) == report

@@ -445,3 +445,29 @@ def test_the_serving_export_answers_alike_under_the_prebuilt_containers_tensorfl
     answers.append(json.loads(result.stdout.strip().splitlines()[-1]))
   assert answers[0]["version"].startswith("2.15.") and answers[1]["version"].startswith("2.21.")
   assert np.allclose(answers[0]["p"], answers[1]["p"], atol=1e-5)
+
+
+def test_vertex_preflight_runs_the_preflight_on_the_same_machines_with_a_short_timeout():
+  job = dry_run("--machine_type=g2-standard-8", "--preflight", "--", "--global_batch_size=64")
+  pool = job["jobSpec"]["workerPoolSpecs"][0]
+  assert pool["containerSpec"]["command"] == ["python", "-m", "job.preflight"]
+  assert pool["containerSpec"]["args"] == ["--data_dir=gs://b/shards", "--global_batch_size=64"]
+  assert pool["containerSpec"]["env"] == [{"name": "EXPECTED_ACCELERATOR", "value": "NVIDIA_L4:1"}]
+  assert pool["machineSpec"]["acceleratorType"] == "NVIDIA_L4"
+  assert job["jobSpec"]["scheduling"]["timeout"] == vertex.PREFLIGHT_TIMEOUT
+  assert "command" not in dry_run("--machine_type=g2-standard-8")["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+  refused = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s", "--model_dir=gs://b/r",
+                       "--preflight", "--tune", check=False)
+  assert refused.returncode == 1 and "--preflight" in refused.stderr
+
+
+def test_vertex_preflight_prints_the_report_or_names_the_failed_check(capsys):
+  report = {"ok": False, "failed_check": "data", "checks": [
+      {"check": "devices", "ok": True, "detail": "TensorFlow 2.21.0"},
+      {"check": "data", "ok": False, "detail": "gs://b/shards/train-00003-of-00016.tfrecord: sha256 differs"}]}
+  with pytest.raises(vertex.cli.UserError, match="failed at its data check"):
+    vertex.print_preflight_report(report, "gs://b/r")
+  out, err = capsys.readouterr()
+  assert json.loads(out) == report and "FAIL data" in err and "train-00003" in err
+  with pytest.raises(vertex.cli.UserError, match="wrote no report to gs://b/r/model/preflight.json"):
+    vertex.print_preflight_report(None, "gs://b/r")

@@ -1,0 +1,254 @@
+r"""A few minutes on the real machine before hours on it.
+
+  python -m job.preflight --data_dir=gs://B/shards --model_dir=gs://B/runs/r1 --global_batch_size=256
+
+It takes job.train's flags and, on the machine it runs on, runs these checks in
+order, stopping at the first that fails:
+
+  devices      TensorFlow's build and the devices it sees
+  accelerator  what the job was given against what TensorFlow sees (job/accelerators.py)
+  data         the shard checksums, then one batch of every split, as training reads them
+  storage      a probe object written, read and deleted in --model_dir, the checkpoint
+               folder and the TensorBoard folder
+  lease        the model_dir's lease taken and released (another job holding it fails here)
+  step         the model built with the real strategy, precision and --jit_compile, and
+               --preflight_steps steps of stage 2 (the heavier stage) at the real global
+               batch: an XLA, NCCL or out-of-memory failure shows here
+
+and measures the compile time (the first step), images per second after it, the share
+of step time spent waiting for input (against the same steps fed one batch held in
+memory; while the cache is still filling, the pipeline decodes as it goes, so the share
+is an upper bound), and, on GPUs, the peak device memory. It trains no run: the only
+file it leaves is its report, preflight.json in --model_dir, which `launch.vertex
+--preflight` reads back. A one-screen summary goes to stderr, the report as one JSON
+line to stdout; the exit status is non-zero when a check failed, and the report names it.
+"""
+
+import json
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import flags, logging
+
+from job import accelerators, artifacts, config as config_lib, data, distribute_utils, model as model_lib
+from job import run_state, train
+from tfrecords import cli, fileio, manifest as manifest_lib
+
+FLAGS = flags.FLAGS
+CHECKS = ("devices", "accelerator", "strategy", "data", "storage", "lease", "step")
+EXIT_CHECK_FAILED = 3
+
+
+def define_flags():
+  config_lib.define_flags()
+  flags.DEFINE_integer("preflight_steps", 20, "Timed training steps (after the compiling one), and as "
+                       "many again fed one in-memory batch.")
+
+
+class Report:
+  """The checks run so far and the figures measured."""
+
+  def __init__(self):
+    self.checks: list[dict] = []
+    self.figures: dict = {"devices": [], "strategy": None, "replicas": None, "precision": None, "xla": None,
+                          "compile_seconds": None, "images_per_second": None, "input_wait_share": None,
+                          "cache_filling": None, "peak_memory_bytes": None}
+
+  def run(self, name: str, check, *args):
+    start = time.perf_counter()
+    try:
+      detail = check(*args)
+    except Exception as e:  # pylint: disable=broad-except  (any failure is the check's outcome)
+      message = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+      self.checks.append({"check": name, "ok": False, "seconds": round(time.perf_counter() - start, 2),
+                          "detail": message})
+      raise CheckFailed(name, message) from e
+    self.checks.append({"check": name, "ok": True, "seconds": round(time.perf_counter() - start, 2),
+                        "detail": detail if isinstance(detail, (str, dict)) else _describe(detail)})
+    return detail
+
+  def as_dict(self) -> dict:
+    failed = [c["check"] for c in self.checks if not c["ok"]]
+    return {"ok": not failed and len(self.checks) == len(CHECKS), "failed_check": failed[0] if failed else None,
+            **self.figures, "checks": self.checks}
+
+
+def _describe(value) -> str:
+  if isinstance(value, tf.distribute.Strategy):
+    return f"{distribute_utils.public_name(value)} with {value.num_replicas_in_sync} replica(s)"
+  return str(value)
+
+
+class CheckFailed(Exception):
+  def __init__(self, check: str, message: str):
+    super().__init__(f"{check}: {message}")
+    self.check = check
+
+
+def check_devices(report: Report) -> str:
+  devices = [f"{d.device_type}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
+  gpus = accelerators.visible_gpus() if tf.config.list_physical_devices("GPU") else []
+  report.figures["devices"] = devices + [f"GPU name: {name}" for name in gpus]
+  return f"{accelerators.build_versions()}; devices: {', '.join(devices)}" + (
+      f" ({', '.join(gpus)})" if gpus else "")
+
+
+def check_accelerator(cfg: config_lib.TrainConfig) -> str:
+  expected = config_lib.expected_accelerator(cfg)
+  accelerators.guard(expected)
+  return "nothing said of the machine (no check)" if expected is None else f"{expected.count} × {expected.accelerator}"
+
+
+def check_strategy(cfg: config_lib.TrainConfig, report: Report):
+  strategy, policy, xla = train.set_up_devices(cfg)
+  report.figures.update(strategy=distribute_utils.public_name(strategy), replicas=strategy.num_replicas_in_sync,
+                        precision=policy, xla=xla)
+  return strategy
+
+
+def check_data(cfg: config_lib.TrainConfig) -> dict:
+  manifest = train.preflight(cfg)  # the manifest, every split there, the shard checksums
+  shapes = {}
+  for split in ("train", "validation") + (("test",) if cfg.evaluate else ()):
+    info = manifest_lib.split_info(cfg.data_dir, manifest, split)
+    images, _, _ = next(iter(data.prediction_dataset(info, cfg.image_size, cfg.global_batch_size)))
+    shapes[split] = list(images.shape)
+  return {"manifest": manifest, "first_batches": shapes}
+
+
+def check_storage(cfg: config_lib.TrainConfig) -> str:
+  """Writes, reads back and deletes a probe object in each folder the job writes to; folders
+  made for it are removed again (a preflight leaves only its report)."""
+  folders = {"--model_dir": cfg.model_dir,
+             "--checkpoint_dir": fileio.join(cfg.checkpoint_root, artifacts.CHECKPOINTS_DIR),
+             "--tensorboard_dir": cfg.logs_dir}
+  for flag, folder in folders.items():
+    made = fileio.is_local(folder) and not tf.io.gfile.exists(folder)
+    probe = fileio.join(folder, ".preflight_probe")
+    try:
+      fileio.write_atomic(probe, "probe")
+      with tf.io.gfile.GFile(probe) as f:
+        read_back = f.read()
+      tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+      raise cli.UserError(f"{flag}={folder} is not writable: {str(e).splitlines()[0][:200]}") from e
+    if read_back != "probe":
+      raise cli.UserError(f"{flag}={folder}: a probe object read back differs from what was written")
+    if made and folder != cfg.model_dir and not tf.io.gfile.listdir(folder):
+      tf.io.gfile.rmtree(folder)
+  return ", ".join(sorted(set(folders.values())))
+
+
+def check_lease(cfg: config_lib.TrainConfig, manifest_sha256: str) -> str:
+  lease = run_state.Lease(cfg.model_dir, run_state.fingerprint(cfg, manifest_sha256, stage=2)).acquire()
+  lease.release()
+  return f"taken and released ({lease.path})"
+
+
+class StepTimer(keras.callbacks.Callback):
+  """The first step's time (tracing and compiling included) and each epoch's."""
+
+  def on_train_begin(self, logs=None):
+    self.first_step, self.epochs = None, []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.start = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.first_step is None:
+      self.first_step = time.perf_counter() - self.start
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.epochs.append(time.perf_counter() - self.start)
+
+
+def timed_fit(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> StepTimer:
+  """Two epochs of `steps` (one iterator throughout): the first pays for compiling."""
+  timer = StepTimer()
+  model.fit(dataset, epochs=2, steps_per_epoch=steps, callbacks=[timer], verbose=0, shuffle=False)
+  return timer
+
+
+def check_step(cfg: config_lib.TrainConfig, strategy, report: Report, manifest: dict, steps: int) -> str:
+  class_names = manifest_lib.class_names(manifest)
+  info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
+  inner, wrapper = train.build_models(cfg, strategy, len(class_names))
+  model_lib.set_trainable_for_stage(inner, stage=2, fine_tune_layers=cfg.fine_tune_layers)
+  train.compile_model(wrapper, strategy, cfg, cfg.stage2_lr, report.figures["xla"], steps_per_execution=1,
+                      class_weights=data.class_weights(info.class_counts) if cfg.class_weights else None)
+  cache = data.choose_cache(cfg.cache, info.num_examples, cfg.image_size)
+  pipeline = data.train_dataset(info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed, cache=cache,
+                                num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
+  job = timed_fit(wrapper, pipeline, steps)
+  # The same compiled step fed one batch held in memory: what it costs with no input to wait for.
+  bound = timed_fit(wrapper, tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat(), steps)
+  report.figures["compile_seconds"] = round(job.first_step, 2)
+  report.figures["images_per_second"] = round(steps * cfg.global_batch_size / job.epochs[1], 2)
+  report.figures["input_wait_share"] = round(max(0.0, 1.0 - bound.epochs[1] / job.epochs[1]), 3)
+  # The train split is cached on its first pass: until then the pipeline decodes as it goes.
+  report.figures["cache_filling"] = cache != "none" and 2 * steps * cfg.global_batch_size < info.num_examples
+  gpus = tf.config.list_logical_devices("GPU")
+  if gpus:
+    report.figures["peak_memory_bytes"] = max(tf.config.experimental.get_memory_info(g.name)["peak"] for g in gpus)
+  return (f"stage 2 at global batch {cfg.global_batch_size}: the first step took {job.first_step:.1f} s, "
+          f"then {2 * steps - 1} steps from the pipeline and {2 * steps} from memory")
+
+
+def run_checks(cfg: config_lib.TrainConfig, steps: int) -> dict:
+  """The checks, in order, up to the first that fails; the report (also written to the model_dir
+  when the storage check has shown that it can be)."""
+  report = Report()
+  try:
+    report.run("devices", check_devices, report)
+    report.run("accelerator", check_accelerator, cfg)
+    # Before anything else touches the runtime: MultiWorkerMirroredStrategy must come first.
+    strategy = report.run("strategy", check_strategy, cfg, report)
+    checked = report.run("data", check_data, cfg)
+    manifest = checked.pop("manifest")
+    report.run("storage", check_storage, cfg)
+    manifest_sha256 = fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE))
+    report.run("lease", check_lease, cfg, manifest_sha256)
+    report.run("step", check_step, cfg, strategy, report, manifest, steps)
+  except CheckFailed as failed:
+    logging.info("preflight stopped at %s", failed)
+  result = report.as_dict()
+  if not any(c["check"] == "storage" and not c["ok"] for c in report.checks):
+    try:  # for launch.vertex --preflight to read back, whichever check failed
+      fileio.write_json(artifacts.path(cfg.model_dir, artifacts.PREFLIGHT_FILE), result)
+    except (tf.errors.OpError, OSError) as e:
+      logging.warning("preflight: the report could not be written to --model_dir=%s: %s", cfg.model_dir,
+                      str(e).splitlines()[0][:200])
+  return result
+
+
+def summary(report: dict) -> str:
+  lines = [f"preflight {'passed' if report['ok'] else 'FAILED at ' + str(report['failed_check'])}:"]
+  for check in report["checks"]:
+    detail = check["detail"] if isinstance(check["detail"], str) else json.dumps(check["detail"])
+    lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']:<11} {check['seconds']:>7.1f} s  {detail}")
+  figures = report
+  if figures["images_per_second"] is not None:
+    lines.append(f"  {figures['strategy']} × {figures['replicas']}, {figures['precision']}, XLA "
+                 f"{'on' if figures['xla'] else 'off'}: first step {figures['compile_seconds']} s, "
+                 f"{figures['images_per_second']} images/s, waiting for input "
+                 f"{100 * figures['input_wait_share']:.0f}% of the time"
+                 + (" (cache still filling: an upper bound)" if figures["cache_filling"] else "")
+                 + (f", peak device memory {figures['peak_memory_bytes'] / 2**30:.2f} GiB"
+                    if figures["peak_memory_bytes"] else ""))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  cfg = config_lib.config_from_flags()
+  report = run_checks(cfg, FLAGS.preflight_steps)
+  print(summary(report), file=sys.stderr, flush=True)
+  print(json.dumps(report), flush=True)
+  if not report["ok"]:
+    sys.exit(EXIT_CHECK_FAILED)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
