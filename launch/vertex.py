@@ -28,6 +28,7 @@ nothing; `--output` writes it to a file, which the REST API takes as it is:
 """
 
 import json
+import re
 import sys
 import time
 
@@ -51,6 +52,8 @@ def define_flags():
   flags.DEFINE_integer("accelerator_count", 0, "Accelerators per replica (default: 1 GPU; a TPU's "
                        "own count: 8 cores for v2/v3, the machine type's chips for v5e).")
   flags.DEFINE_integer("replica_count", 1, "Machines in all, the chief included.")
+  flags.DEFINE_string("timeout", "24h", "The longest the job (each tuning trial) may run, restarts "
+                      "included, e.g. 24h, 90m; Vertex AI's own default is 7 days.")
   flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; the job resumes from its backups).")
   flags.DEFINE_string("service_account", None, "Service account the job runs as.")
   flags.DEFINE_string("tensorboard", None, "Vertex AI TensorBoard resource name for the logs.")
@@ -77,6 +80,8 @@ TUNED_PARAMETERS = (
     ("fine_tune_layers", "integer", 10, 150, "UNIT_LINEAR_SCALE"),
 )
 DEFAULT_MONITOR = "val_f1"  # job.config's default
+# Every trial: no test evaluation (trials are compared on validation only) and no serving export.
+TRIAL_ARGS = ("--noevaluate", "--noserving")
 
 
 TPU_MACHINE_PREFIXES = ("ct", "cloud-tpu")
@@ -152,10 +157,20 @@ def trainer_args(data_dir: str, machine_type: str, accelerator_type: str | None,
   return args + list(passthrough)
 
 
+def timeout_seconds(value: str) -> int:
+  """'24h', '90m' or '600s' in seconds, within Vertex AI's 7 days."""
+  match = re.fullmatch(r"(\d+(?:\.\d+)?)([hms])", value.strip())
+  seconds = round(float(match.group(1)) * {"h": 3600, "m": 60, "s": 1}[match.group(2)]) if match else 0
+  if not 0 < seconds <= 7 * 24 * 3600:
+    raise cli.UserError(f"--timeout={value}: a duration such as 24h, 90m or 600s, at most 168h (Vertex AI's "
+                        "limit)")
+  return seconds
+
+
 def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_dir: str, machine_type: str,
                      accelerator_type: str | None, accelerator_count: int, replica_count: int, spot: bool,
                      service_account: str | None, tensorboard: str | None, passthrough: list[str],
-                     preflight: bool = False):
+                     preflight: bool = False, timeout: str = "24h"):
   """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it).
   preflight: the same job running job.preflight, bounded by PREFLIGHT_TIMEOUT."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
@@ -178,15 +193,13 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
                                    container_spec=container))
   spec = v1.CustomJobSpec(worker_pool_specs=pools,
                           base_output_directory=v1.GcsDestination(output_uri_prefix=model_dir))
-  if spot or replica_count > 1:
-    # Several machines: one restarted worker cannot rejoin the others' collectives, so the
-    # whole job restarts (and resumes from its backups).
-    spec.scheduling = v1.Scheduling(restart_job_on_worker_restart=replica_count > 1)
-    if spot:
-      spec.scheduling.strategy = v1.Scheduling.Strategy.SPOT
-  if preflight:
-    spec.scheduling = spec.scheduling or v1.Scheduling()
-    spec.scheduling.timeout = PREFLIGHT_TIMEOUT
+  # An explicit bound, so that a hung job cannot run (and bill) for Vertex's default of 7 days.
+  spec.scheduling = v1.Scheduling(timeout=PREFLIGHT_TIMEOUT if preflight else f"{timeout_seconds(timeout)}s")
+  # Several machines: one restarted worker cannot rejoin the others' collectives, so the
+  # whole job restarts (and resumes from its backups).
+  spec.scheduling.restart_job_on_worker_restart = replica_count > 1
+  if spot:
+    spec.scheduling.strategy = v1.Scheduling.Strategy.SPOT
   if tensorboard and not service_account:
     raise cli.UserError(f"--tensorboard={tensorboard} needs --service_account: Vertex AI writes to a "
                         "TensorBoard only as a service account that may")
@@ -212,8 +225,20 @@ def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_tria
   """The HyperparameterTuningJob whose every trial runs `custom_job`'s spec with TUNED_PARAMETERS
   appended to the trainer's arguments; the metric is what the job's HypertuneReporter reports."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
+  if max_trials < 1:
+    raise cli.UserError(f"--max_trials={max_trials} must be at least 1")
   if not 1 <= parallel_trials <= max_trials:
     raise cli.UserError(f"--parallel_trials={parallel_trials} must be between 1 and --max_trials={max_trials}")
+  trial_spec = type(custom_job.job_spec).deserialize(type(custom_job.job_spec).serialize(custom_job.job_spec))
+  for pool in trial_spec.worker_pool_specs:
+    conflicting = [a for a in pool.container_spec.args if a.split("=")[0] in ("--evaluate", "--serving")
+                   and a.split("=", 1)[-1].lower() not in ("false", "0")]
+    if conflicting:
+      raise cli.UserError(f"{' '.join(conflicting)}: tuning trials never evaluate the test split (a trial "
+                          "is chosen on validation alone) nor export a serving model; evaluate and export the "
+                          "chosen trial afterwards (--tune --wait prints the commands)")
+    # Last, so that they win over anything before them (absl keeps a flag's last value).
+    pool.container_spec.args = [*pool.container_spec.args, *TRIAL_ARGS]
   study = v1.StudySpec
   parameters = []
   for name, kind, low, high, scale in TUNED_PARAMETERS:
@@ -229,7 +254,7 @@ def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_tria
                      measurement_selection_type=study.MeasurementSelectionType.BEST_MEASUREMENT)
   return v1.HyperparameterTuningJob(display_name=custom_job.display_name, study_spec=study_spec,
                                     max_trial_count=max_trials, parallel_trial_count=parallel_trials,
-                                    trial_job_spec=custom_job.job_spec)
+                                    trial_job_spec=trial_spec)
 
 
 # A preflight compiles and times a few steps: on a machine that works it is done in minutes.
@@ -307,6 +332,36 @@ def submit(client, job, project: str, region: str, wait: bool = False, poll_seco
   return current
 
 
+def best_trial(job) -> tuple[str, float] | None:
+  """(trial id, value) of the succeeded trial with the best final value of the study's metric."""
+  metric = job.study_spec.metrics[0]
+  maximize = metric.goal != type(metric).GoalType.MINIMIZE
+  scored = []
+  for trial in job.trials:
+    values = [m.value for m in trial.final_measurement.metrics if m.metric_id == metric.metric_id]
+    if values and trial.state.name == "SUCCEEDED":
+      scored.append((values[0], trial.id))
+  if not scored:
+    return None
+  value, trial_id = max(scored) if maximize else min(scored)
+  return trial_id, value
+
+
+def print_best_trial(job, model_dir: str, data_dir: str):
+  """The chosen trial, where it wrote, and what to run on it next."""
+  best = best_trial(job)
+  if best is None:
+    raise cli.UserError(f"{job.name}: no trial succeeded with a final {job.study_spec.metrics[0].metric_id}")
+  trial_id, value = best
+  trial_model = f"{model_dir.rstrip('/')}/{trial_id}/model"
+  print(f"best trial {trial_id}: {job.study_spec.metrics[0].metric_id}={value:.4f} (validation); its model: "
+        f"{trial_model}\n"
+        f"  evaluate it on the test split, once:  python -m job.evaluate --model_dir={trial_model} "
+        f"--data_dir={data_dir}\n"
+        f"  export and upload it:  python -m job.predict --model_dir={trial_model} --export_dir={trial_model}/serving"
+        f" && python -m launch.upload_model --artifact_uri={trial_model}/serving --project=PROJECT", flush=True)
+
+
 def gcs_path(flag: str, value: str) -> str:
   """`value` as a gs:// URI: Vertex mounts gs://BUCKET/… at /gcs/BUCKET/… (Cloud Storage FUSE)."""
   if value.startswith("/gcs/") and len(value) > len("/gcs/"):
@@ -355,7 +410,7 @@ def main(argv):
       machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
       accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
       service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough,
-      preflight=FLAGS.preflight)
+      preflight=FLAGS.preflight, timeout=FLAGS.timeout)
   if FLAGS.preflight and FLAGS.tune:
     raise cli.UserError("--preflight checks one machine shape before a run; give it without --tune")
   if FLAGS.tune:
@@ -367,7 +422,9 @@ def main(argv):
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   client = v1.JobServiceClient(client_options={"api_endpoint": api_endpoint(FLAGS.region)})
   if not FLAGS.preflight:
-    submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
+    done = submit(client, job, FLAGS.project, FLAGS.region, wait=FLAGS.wait, poll_seconds=FLAGS.poll_seconds)
+    if FLAGS.tune and FLAGS.wait:
+      print_best_trial(done, model_dir, data_dir)
     return
   try:
     submit(client, job, FLAGS.project, FLAGS.region, wait=True, poll_seconds=FLAGS.poll_seconds)

@@ -33,7 +33,7 @@ def test_vertex_dry_run_multi_node_gpu_spot():
   assert pools[0]["containerSpec"]["args"] == ["--data_dir=gs://b/shards", "--strategy=multi_worker",
                                                "--stage1_epochs=3"]
   assert spec["baseOutputDirectory"] == {"outputUriPrefix": "gs://b/runs/r1"}
-  assert spec["scheduling"] == {"strategy": "SPOT", "restartJobOnWorkerRestart": True}
+  assert spec["scheduling"] == {"strategy": "SPOT", "restartJobOnWorkerRestart": True, "timeout": "86400s"}
   assert spec["serviceAccount"] == "sa@p.iam"
   vertex_types().CustomJob.from_json(json.dumps(job))  # parses as the real message
 
@@ -47,9 +47,13 @@ def test_vertex_multi_node_restarts_the_whole_job_with_or_without_spot():
   def scheduling(**kwargs):
     return vertex.rest_json(_custom_job(**kwargs))["jobSpec"].get("scheduling")
 
-  assert scheduling(replica_count=2) == {"restartJobOnWorkerRestart": True}
-  assert scheduling() is None
-  assert scheduling(spot=True) == {"strategy": "SPOT"}
+  assert scheduling(replica_count=2) == {"restartJobOnWorkerRestart": True, "timeout": "86400s"}
+  assert scheduling() == {"timeout": "86400s"}  # never Vertex's default of 7 days
+  assert scheduling(spot=True) == {"strategy": "SPOT", "timeout": "86400s"}
+  assert scheduling(timeout="90m") == {"timeout": "5400s"}
+  for bad in ("8d", "200h", "0s", "soon"):
+    with pytest.raises(vertex.cli.UserError, match=f"--timeout={bad}"):
+      scheduling(timeout=bad)
 
 
 def test_vertex_accepts_cloud_storage_fuse_paths_and_writes_the_dry_run_to_a_file(tmp_path):
@@ -87,7 +91,17 @@ def test_vertex_tuning_job_searches_the_learning_rates_for_the_jobs_monitor(moni
   assert "integerValueSpec" in parameters["fine_tune_layers"]
   pool = job["trialJobSpec"]["workerPoolSpecs"][0]
   assert pool["machineSpec"]["acceleratorType"] == "NVIDIA_L4"
-  assert pool["containerSpec"]["args"] == ["--data_dir=gs://b/s", *passthrough]
+  # Trials choose on validation alone: no test evaluation, no serving export, whatever came before.
+  assert pool["containerSpec"]["args"] == ["--data_dir=gs://b/s", *passthrough, "--noevaluate", "--noserving"]
+  assert job["trialJobSpec"]["scheduling"]["timeout"] == "86400s"  # each trial bounded
+
+
+@pytest.mark.parametrize("flag", ["--evaluate", "--serving=true"])
+def test_vertex_tune_refuses_a_trial_that_would_evaluate_the_test_split(flag):
+  with pytest.raises(vertex.cli.UserError, match=f"{re.escape(flag)}: tuning trials never evaluate"):
+    vertex.build_tuning_job(_custom_job(passthrough=[flag]), monitor="val_f1", max_trials=4, parallel_trials=2)
+  with pytest.raises(vertex.cli.UserError, match="--max_trials=0"):
+    vertex.build_tuning_job(_custom_job(), monitor="val_f1", max_trials=0, parallel_trials=1)
 
 
 def _custom_job(**kwargs):
@@ -120,6 +134,26 @@ def test_vertex_submit_and_wait_follow_the_job_through_the_real_client(tune, cap
   assert [line.split()[1] for line in err.splitlines()[1:]] == [
       "JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]  # changes only
   assert err.splitlines()[0].startswith("https://console.cloud.google.com/vertex-ai/locations/us-central1/")
+
+
+@pytest.mark.parametrize("monitor, best", [("val_f1", "3"), ("val_loss", "1")])
+def test_vertex_tune_wait_names_the_best_trial_and_what_to_run_on_it(monitor, best, capsys):
+  from vertex_stand_in import JobServiceStandIn
+  s = vertex_types().JobState
+  trials = [("1", 0.61, "SUCCEEDED"), ("2", None, "INFEASIBLE"), ("3", 0.74, "SUCCEEDED"), ("4", 0.9, "STOPPING")]
+  service = JobServiceStandIn([s.JOB_STATE_RUNNING, s.JOB_STATE_SUCCEEDED], trials=trials)
+  try:
+    job = vertex.build_tuning_job(_custom_job(), monitor=monitor, max_trials=4, parallel_trials=2)
+    done = vertex.submit(service.client(), job, "p", "us-central1", wait=True, poll_seconds=0, sleep=lambda _: None)
+  finally:
+    service.stop()
+  capsys.readouterr()
+  assert vertex.best_trial(done)[0] == best  # trial 4 never finished: not a candidate
+  vertex.print_best_trial(done, "gs://b/r", "gs://b/s")
+  out = capsys.readouterr().out
+  assert out.startswith(f"best trial {best}: {monitor}=") and f"gs://b/r/{best}/model" in out
+  assert f"job.evaluate --model_dir=gs://b/r/{best}/model --data_dir=gs://b/s" in out
+  assert f"launch.upload_model --artifact_uri=gs://b/r/{best}/model/serving" in out
 
 
 def test_vertex_wait_fails_when_the_job_fails(capsys):

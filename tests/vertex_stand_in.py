@@ -19,10 +19,11 @@ OPERATIONS = "google.longrunning.Operations"
 
 
 class JobServiceStandIn:
-  """Serves on 127.0.0.1; `states` are the states a created job reports, one per get."""
+  """Serves on 127.0.0.1; `states` are the states a created job reports, one per get; a tuning
+  job that ends reports `trials`, (id, final value of its metric or None, state name) each."""
 
-  def __init__(self, states=()):
-    self.states = list(states)
+  def __init__(self, states=(), trials=()):
+    self.states, self.trials = list(states), list(trials)
     self.created, self.gets, self.uploaded, self.operation_gets = [], 0, [], 0
     handlers = {
         "CreateCustomJob": self._unary(self._create_custom_job, v1.CreateCustomJobRequest, v1.CustomJob),
@@ -99,5 +100,10 @@ class JobServiceStandIn:
       job.state = self.states[min(self.gets, len(self.states) - 1)]
       if job.state == v1.JobState.JOB_STATE_FAILED:
         job.error.message = "The replica workerpool0-0 exited with a non-zero status of 1."
+      if isinstance(job, v1.HyperparameterTuningJob) and job.state == v1.JobState.JOB_STATE_SUCCEEDED:
+        metric = job.study_spec.metrics[0].metric_id
+        job.trials = [v1.Trial(id=trial_id, state=v1.Trial.State[state], final_measurement=v1.Measurement(
+            metrics=[] if value is None else [v1.Measurement.Metric(metric_id=metric, value=value)]))
+                      for trial_id, value, state in self.trials]
       return job
     return get
