@@ -2,7 +2,7 @@
 
 inner model (what `best_model.keras` holds, input preprocessed as the seed's
 inference example feeds it, any image size):
-  ResNet-50 (no top, BatchNorm in inference mode) → GlobalAveragePooling →
+  ResNet-50 (no top, BatchNorm frozen: never trainable, so in inference mode) → GlobalAveragePooling →
   Dropout(0.3) → Dense(one per class of the shards' manifest, softmax, float32)
 
 training wrapper (never saved as a model; runs on the accelerator, and
@@ -53,7 +53,11 @@ def build_backbone(weights: str) -> keras.Model:
 def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3) -> keras.Model:
   backbone = build_backbone(weights)
   inputs = keras.Input((None, None, 3), name="image")
-  x = backbone(inputs, training=False)  # BatchNorm stays in inference mode in both stages
+  # BatchNorm keeps ImageNet's statistics in both stages because no BatchNorm layer is ever
+  # trainable (set_trainable_for_stage): Keras uses batch statistics only when `training and
+  # self.trainable`. The training=False here does not hold on its own: Keras 3.15 replaces a
+  # nested model's recorded `training` with the outer call's (the wrapper's training=True).
+  x = backbone(inputs, training=False)
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
   x = keras.layers.Dropout(dropout, name="dropout")(x)
   outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
@@ -93,6 +97,11 @@ def set_trainable_for_stage(inner: keras.Model, stage: int, fine_tune_layers: in
     cut = len(backbone.layers) - fine_tune_layers
     for index, layer in enumerate(backbone.layers):
       layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+  # The rule that keeps BatchNorm in inference mode (see build_inner_model): never trainable.
+  trainable_batchnorm = [layer.name for layer in backbone.layers
+                         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+  if trainable_batchnorm:
+    raise AssertionError(f"BatchNorm layers must stay frozen, found trainable: {trainable_batchnorm[:3]}")
 
 
 def float32_copy(inner: keras.Model) -> keras.Model:

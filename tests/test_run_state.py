@@ -91,6 +91,36 @@ def test_warm_up_rises_linearly_then_leaves_the_rate_alone():
   assert rates.seen == pytest.approx([0.05] * 8)
 
 
+class _HalveAfterEpoch(keras.callbacks.Callback):
+  """ReduceLROnPlateau's act (factor 0.5) at the end of one epoch."""
+
+  def __init__(self, epoch):
+    super().__init__()
+    self.epoch = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == self.epoch:
+      self.model.optimizer.learning_rate = float(self.model.optimizer.learning_rate) * 0.5
+
+
+def test_warm_up_never_raises_a_rate_that_the_plateau_callback_lowered():
+  """A warm-up of 3.5 epochs (14 steps of 4 an epoch) with the rate halved after epoch 1."""
+  model = _tiny_model(0.1)
+  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
+  rates = _LearningRates()
+  model.fit(x, y, batch_size=4, epochs=5, verbose=0, shuffle=False,
+            callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4), _HalveAfterEpoch(1), rates])
+  assert rates.seen[:8] == pytest.approx([0.1 * k / 14 for k in range(1, 9)])
+  assert rates.seen[8:14] == pytest.approx([0.05 * k / 14 for k in range(9, 15)])  # half of the warm-up
+  assert rates.seen[14:] == pytest.approx([0.05] * 6)  # not back up to 0.1
+  # Resumed at epoch 3 from a backup that held the lowered rate (0.05 · 12/14 at step 12).
+  resumed = _tiny_model(0.05 * 12 / 14)
+  rates.seen = []
+  resumed.fit(x, y, batch_size=4, epochs=5, initial_epoch=3, verbose=0, shuffle=False,
+              callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4), rates])
+  assert rates.seen == pytest.approx([0.05 * 13 / 14, 0.05 * 14 / 14, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
+
+
 def test_early_stopping_and_reduce_lr_resume_where_they_were(tmp_path):
   """A flat validation loss: uninterrupted, EarlyStopping(patience=3) stops after epoch 4 and
   ReduceLROnPlateau(patience=2) halves the rate after epoch 3. Stopped after epoch 2 and
