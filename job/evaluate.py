@@ -108,14 +108,23 @@ def compute_metrics(test: pd.DataFrame, class_names, calibration_json: dict, see
   temperature = calibration_json["temperature"]
   calibrated = calibration.apply_temperature(probabilities, temperature)
   counts = skm.confusion_matrix(labels, probabilities.argmax(axis=1), labels=range(len(class_names)))
+  # The figures of the probabilities users get (job.predict, the serving export, the melanoma
+  # operating point): the calibrated ones. Temperature scaling keeps each image's argmax, so
+  # accuracy, balanced accuracy and F1 are the same either way; it does not keep the ranking of
+  # images within a class, so the AUCs differ, and the raw ones are given beside them.
+  per_class = metrics_lib.per_class_report(labels, calibrated, class_names)
+  for name, raw_auc in zip(class_names, metrics_lib.per_class_auc(labels, probabilities)):
+    per_class[name]["roc_auc_raw"] = raw_auc
   return {
       "num_images": int(len(test)),
       "num_lesions": int(test["lesion_id"].nunique()),
-      **metrics_lib.headline(labels, probabilities),
+      "probabilities": "calibrated (temperature scaling); *_raw: as the model outputs them",
+      **metrics_lib.headline(labels, calibrated),
+      "macro_roc_auc_raw": metrics_lib.macro_auc(labels, probabilities),
       "baselines": metrics_lib.baselines(labels, class_names),
-      "confidence_intervals_95": metrics_lib.lesion_bootstrap(labels, probabilities,
+      "confidence_intervals_95": metrics_lib.lesion_bootstrap(labels, calibrated,  # calibrated, as above
                                                               test["lesion_id"].to_numpy(), BOOTSTRAP, seed),
-      "per_class": metrics_lib.per_class_report(labels, probabilities, class_names),
+      "per_class": per_class,
       "melanoma": melanoma_figures(labels, calibrated, class_names, calibration_json),
       "confusion_matrix": {"labels": list(class_names), "counts": counts.tolist()},
       "subgroups_balanced_accuracy": metrics_lib.subgroups(labels, probabilities, test),

@@ -84,7 +84,9 @@ def melanoma_threshold(labels: np.ndarray, probabilities: np.ndarray, mel: int,
   is_mel = labels == mel
   if is_mel.all() or not is_mel.any():
     return 0.5
-  fpr, _, thresholds = skm.roc_curve(is_mel, probabilities[:, mel])
+  # Every threshold: the default drop_intermediate=True can drop the lowest one that meets the
+  # specificity, and so choose a higher threshold, less sensitive than the data allow.
+  fpr, _, thresholds = skm.roc_curve(is_mel, probabilities[:, mel], drop_intermediate=False)
   allowed = thresholds[fpr <= 1 - specificity + 1e-9]  # 1 - 0.9 is 0.0999… in floating point
   return float(min(allowed.min(), 1.0))
 

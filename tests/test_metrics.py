@@ -121,3 +121,39 @@ def test_scikit_learns_brier_and_log_loss_keep_the_figures_and_the_temperature()
       lambda log_t: hand_nll(calibration.apply_temperature(probabilities, np.exp(log_t))),
       bounds=(np.log(0.05), np.log(20.0)), method="bounded")
   assert calibration.fit_temperature(labels, probabilities) == pytest.approx(np.exp(hand.x), rel=1e-4)
+
+
+def test_the_melanoma_threshold_is_the_lowest_that_meets_the_specificity():
+  """With roc_curve's default drop_intermediate=True, 0.8 is dropped and 0.9 chosen: one
+  false positive among 12 other lesions (specificity 0.917) is allowed at 0.8."""
+  is_mel = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0, 1], bool)
+  p_mel = np.array([0.1, 0.6, 0.7, 0.4, 0.2, 0.5, 0.4, 0.5, 0.9, 0.6, 0.1, 0.1, 0.0, 0.6, 0.8, 0.5, 0.4, 0.9])
+  labels = np.where(is_mel, MEL, 0)
+  probabilities = np.zeros((len(labels), 7))
+  probabilities[:, MEL], probabilities[:, 0] = p_mel, 1 - p_mel
+  assert metrics.melanoma_threshold(labels, probabilities, MEL, specificity=0.90) == 0.8
+
+
+def test_aucs_are_those_of_the_calibrated_probabilities_with_the_raw_beside_them():
+  """Temperature scaling keeps each image's argmax but can reorder images within a class:
+  here it does (T = 4), and the reported AUCs are the calibrated ones."""
+  from job import evaluate
+  rng = np.random.default_rng(4)
+  logits = rng.normal(0, 3, (60, 7))
+  labels = rng.integers(0, 7, 60)
+  raw = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+  test = pd.DataFrame({"label": [classes[i] for i in labels], "lesion_id": [f"L{i}" for i in range(60)],
+                       "age": 50.0, "sex": "female", "localization": "back",
+                       **{f"p_{c}": raw[:, i] for i, c in enumerate(classes)}})
+  calibration_json = {"temperature": 4.0, "fitted_on": "validation",
+                      "melanoma_threshold": {"value": 0.3, "target_specificity": 0.9}}
+  figures = evaluate.compute_metrics(test, classes, calibration_json)
+  calibrated = calibration.apply_temperature(raw, 4.0)
+  assert np.array_equal(calibrated.argmax(1), raw.argmax(1))
+  assert figures["macro_roc_auc"] == pytest.approx(metrics.macro_auc(labels, calibrated))
+  assert figures["macro_roc_auc_raw"] == pytest.approx(metrics.macro_auc(labels, raw))
+  assert figures["macro_roc_auc"] != pytest.approx(figures["macro_roc_auc_raw"], abs=1e-4)  # really reordered
+  for i, c in enumerate(classes):
+    assert figures["per_class"][c]["roc_auc_raw"] == pytest.approx(metrics.per_class_auc(labels, raw)[i])
+  assert figures["balanced_accuracy"] == pytest.approx(metrics.headline(labels, raw)["balanced_accuracy"])
