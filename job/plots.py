@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 import pandas as pd
 
@@ -41,11 +42,12 @@ def training_curves(history: pd.DataFrame, monitor: str, path: str):
   figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
   stage2 = history["epoch"][history["stage"] == 2]
   for ax, name in zip(axes[0], panels):
-    ax.plot(history["epoch"], history[name], label="train")
+    ax.plot(history["epoch"], history[name], marker="o", label="train")  # a marker per epoch
     if f"val_{name}" in history:
-      ax.plot(history["epoch"], history[f"val_{name}"], label="validation")
+      ax.plot(history["epoch"], history[f"val_{name}"], marker="o", label="validation")
     if len(stage2):
       ax.axvline(stage2.min() - 0.5, color="gray", linestyle="--", label="stage 2 begins")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # whole epochs, never 0.2, 0.4…
     ax.set(xlabel="epoch", title=name)
     ax.legend()
   _save(figure, path)

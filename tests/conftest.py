@@ -8,6 +8,16 @@ from helpers import NUM_IMAGES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Fixtures that train a run, render a second dataset or start a server: a test that uses one is
+# slow whatever it does itself. `pytest -m "not slow"` is the quick subset to run while working.
+SLOW_FIXTURES = {"trained_run", "tf215_python", "scorer_python", "isic_test_conversion", "isic_training_dir"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):

@@ -118,6 +118,7 @@ def run_preflight(*args):
   return result, json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy_flags, replicas", [([], 1), (["--strategy=mirrored", "--cpu_devices=2"], 2)])
 def test_preflight_compiles_and_times_the_real_step(shards_dir, tmp_path, strategy_flags, replicas):
   model_dir = tmp_path / "run"
@@ -161,6 +162,7 @@ def test_preflight_names_an_unwritable_model_dir(shards_dir, tmp_path):
   assert report["checks"][-1]["detail"].startswith(f"--model_dir={tmp_path / 'a_file' / 'run'} is not writable")
 
 
+@pytest.mark.slow
 def test_preflight_exits_non_zero_naming_the_failed_check(shards_dir, tmp_path):
   result, report = run_preflight(f"--data_dir={shards_dir}", f"--model_dir={tmp_path / 'run'}",
                                  "--expected_accelerator=NVIDIA_L4:1")

@@ -6,6 +6,8 @@ import pytest
 
 from helpers import run_module
 
+pytestmark = pytest.mark.slow  # each test trains, or starts a server
+
 
 def last_json_line(result):
   return json.loads(result.stdout.strip().splitlines()[-1])

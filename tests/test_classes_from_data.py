@@ -19,6 +19,8 @@ CLASSES = ("akiec", "bcc", "df")  # neither mel nor nv
 COLOURS = {"akiec": (200, 110, 90), "bcc": (215, 160, 180), "df": (120, 90, 60)}
 SPLIT_SIZES = {"train": 30, "validation": 12, "test": 12}
 
+pytestmark = pytest.mark.slow  # each test trains, or starts a server
+
 
 def jpeg(colour, rng) -> bytes:
   pixels = np.clip(np.array(colour) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)

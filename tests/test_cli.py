@@ -33,6 +33,7 @@ def _one_line_error(result) -> str:
   return last
 
 
+@pytest.mark.slow
 def test_bad_data_dir_and_manifest_end_in_one_line_naming_the_path(tmp_path):
   data_dir = tmp_path / "shards"
   data_dir.mkdir()
@@ -49,18 +50,21 @@ def test_bad_data_dir_and_manifest_end_in_one_line_naming_the_path(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_flag_values_are_named():
   line = _one_line_error(run_module("job.train", "--data_dir=/x", "--global_batch_size=0", check=False))
   assert "--global_batch_size=0" in line
   assert "--data_dir" in _one_line_error(run_module("job.train", check=False))
 
 
+@pytest.mark.slow
 def test_a_model_dir_without_a_run_is_named(tmp_path):
   for module, extra in (("job.predict", ["x.jpg"]), ("job.evaluate", [f"--data_dir={tmp_path}"])):
     line = _one_line_error(run_module(module, f"--model_dir={tmp_path}", *extra, check=False))
     assert f"--model_dir={tmp_path}: no run_config.json" in line
 
 
+@pytest.mark.slow
 def test_damaged_shards_are_named_before_training(shards_dir, tmp_path):
   import shutil
   data_dir = tmp_path / "damaged"
@@ -129,6 +133,7 @@ def test_cloud_logging_routes_warnings_and_errors(monkeypatch):
   assert logs.on_vertex({"CLOUD_ML_PROJECT_ID": "p"}) and not logs.on_vertex({"HOME": "/root"})
 
 
+@pytest.mark.slow
 def test_a_terminal_shows_progress_bars_and_a_pipe_one_line_per_shard(synthetic_dir, tmp_path):
   args = [f"--source={synthetic_dir}", "--image_size=32", "--num_train_shards=2", "--num_eval_shards=1",
           "--workers=2"]

@@ -132,6 +132,7 @@ def test_resize_at_conversion_records_size(source, tmp_path):
 
 # --- sources -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kaggle_source_through_kagglehub_cache(tmp_path, monkeypatch):
   cache = tmp_path / "kagglehub"
   synthetic.write_dataset(str(cache), num_images=300, seed=2, layout="kagglehub_cache", workers=1)
@@ -142,6 +143,7 @@ def test_kaggle_source_through_kagglehub_cache(tmp_path, monkeypatch):
   assert all("HAM10000_images_part" in ref.path for ref in source.images.values())
 
 
+@pytest.mark.slow
 def test_zip_archives_source(tmp_path):
   root = synthetic.write_dataset(str(tmp_path / "zips"), num_images=300, seed=4, layout="zips", workers=1)
   assert sorted(f for f in os.listdir(root) if f.endswith(".zip")) == list(sources.IMAGE_ZIPS)
@@ -213,6 +215,7 @@ def test_empty_source(tmp_path):
     sources.open_source(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_corrupt_jpeg_stops_with_its_id_then_skip_lists_it(small_copy, tmp_path):
   table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
   victim = table["image_id"][0]
@@ -245,6 +248,7 @@ def test_different_conversion_in_output_dir_needs_overwrite(source, shards_dir, 
   assert manifest["settings"]["seed"] == 9
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_manifest_and_rerun_finishes(synthetic_dir, shards_dir, tmp_path):
   out = tmp_path / "killed"
   args = [sys.executable, "-m", "tfrecords.convert", f"--source={synthetic_dir}", f"--output_dir={out}",
@@ -284,6 +288,7 @@ def test_an_output_dir_that_is_a_file_is_named(source, tmp_path):
     convert.convert(source, str(tmp_path / "file"), convert.Settings(source=source.description))
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_and_leaves_no_half_written_shard(synthetic_dir, tmp_path):
   full = tmp_path / "full"
   full.mkdir()
@@ -320,6 +325,7 @@ def test_a_png_kept_at_its_size_is_stored_as_jpeg(small_copy, tmp_path):
       stored[untouched] == (small_copy / "HAM10000_images_part_2" / f"{untouched}.jpg").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_changed_source_is_never_resumed_nor_called_done(small_copy, tmp_path):
   out = tmp_path / "out"
   args = [f"--source={small_copy}", f"--output_dir={out}", "--num_train_shards=4", "--num_eval_shards=2",
@@ -357,6 +363,7 @@ def test_the_lesion_check_runs_over_the_shards_written():
                            "train-00001-of-00002.tfrecord": shard(["a"], ["L1"])})
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_conversion_until_the_new_one_is_finished(small_copy, tmp_path):
   out = tmp_path / "out"
   args = [f"--source={small_copy}", f"--output_dir={out}", "--num_eval_shards=1", "--workers=1"]

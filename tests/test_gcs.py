@@ -24,6 +24,8 @@ from tfrecords import features, synthetic
 TRAIN_FLAGS = ["--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1",
                "--stage2_epochs=1", "--debug", "--strategy=one_device"]
 
+pytestmark = pytest.mark.slow  # each test trains, or starts a server
+
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):

@@ -79,6 +79,7 @@ def test_the_readmes_tfds_example_runs_as_written(shards_dir):
   assert namespace["frame"].current_style.to_html()  # how a notebook renders it
 
 
+@pytest.mark.slow
 def test_isic_layout_gives_the_kaggle_copys_split_in_any_row_order(isic_training_dir, source, tmp_path):
   shuffled = tmp_path / "shuffled"
   shutil.copytree(isic_training_dir, shuffled, copy_function=os.link)

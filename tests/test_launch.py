@@ -340,6 +340,7 @@ def test_tpu_image_requirements_cover_setup_py_and_pin_an_existing_release():
   assert "/lib/libtpu.so" in dockerfile
 
 
+@pytest.mark.slow
 def test_tpu_image_requirements_resolve_together(tmp_path):
   """What `docker build --build-arg VARIANT=tpu` would install, resolved by pip against the
   package index for this Python (the image's 3.11), without installing anything."""

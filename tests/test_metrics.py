@@ -157,3 +157,17 @@ def test_aucs_are_those_of_the_calibrated_probabilities_with_the_raw_beside_them
   for i, c in enumerate(classes):
     assert figures["per_class"][c]["roc_auc_raw"] == pytest.approx(metrics.per_class_auc(labels, raw)[i])
   assert figures["balanced_accuracy"] == pytest.approx(metrics.headline(labels, raw)["balanced_accuracy"])
+
+
+def test_training_curves_mark_each_epoch_and_tick_whole_epochs(monkeypatch):
+  from job import plots
+  drawn = []
+  monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure))
+  history = pd.DataFrame({"epoch": [0, 1], "stage": [1, 2], "loss": [1.2, 0.9], "val_loss": [1.3, 1.0],
+                          "accuracy": [0.5, 0.6], "val_accuracy": [0.4, 0.5], "f1": [0.3, 0.4], "val_f1": [0.2, 0.3]})
+  plots.training_curves(history, "val_f1", "unused.png")
+  for ax in drawn[0].axes:
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    curves = [line for line in ax.get_lines() if line.get_label() in ("train", "validation")]
+    assert len(curves) == 2 and all(line.get_marker() == "o" for line in curves)

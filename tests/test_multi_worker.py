@@ -13,6 +13,8 @@ from job import keras_compat
 
 TINY_FIT = os.path.join(os.path.dirname(__file__), "multi_worker_fit.py")
 
+pytestmark = pytest.mark.slow  # each test trains, or starts a server
+
 
 def run_workers(command, tmp_path, timeout=900, env=None):
   """Runs `command` as worker 0 and worker 1 of one cluster; returns their (returncode, output)."""

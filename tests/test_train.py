@@ -218,6 +218,7 @@ def test_training_writes_a_serving_model_that_answers_jpeg_bytes(trained_run, sy
   assert [c.decode() for c in out["classes"].numpy()[0]] == list(features.CLASS_NAMES)
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   model_dir = tmp_path / "mirrored"
   # --debug validates on 32 images: at a global batch of 30 the last batch holds two images,
@@ -247,6 +248,7 @@ def _backup_reached(backup_dir, epoch, mid_epoch=False):
   return reached
 
 
+@pytest.mark.slow
 def test_preempted_then_killed_training_resumes_without_repeating_epochs(shards_dir, tmp_path):
   model_dir = tmp_path / "resumed"
   args = [sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}",
@@ -310,6 +312,7 @@ def test_keras_internals_the_backup_relies_on_are_still_there(tmp_path):
     keras_compat.check_backup_internals(Changed(str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_demo_runs_and_reports_against_the_baseline(tmp_path):
   result = run_module("job.demo", f"--work_dir={tmp_path / 'work'}", f"--model_dir={tmp_path / 'artifacts'}",
                       "--num_images=300", "--image_size=32", "--stage1_epochs=1", "--stage2_epochs=1")

@@ -97,6 +97,7 @@ def test_compile_refuses_a_model_that_xla_cannot_compile():
   assert ours.jit_compile
 
 
+@pytest.mark.slow
 def test_training_step_compiles_under_xla_in_the_tpu_configuration(shards_dir, tmp_path):
   """One device, static shapes, mixed_bfloat16, several steps per execution: both stages
   train with the whole step (augmentation included) XLA-compiled."""
