@@ -182,6 +182,27 @@ def _edit_csv(root, edit):
   return table
 
 
+def test_a_stray_copy_of_an_image_is_never_read_and_differing_twins_are_named(small_copy):
+  part_1 = small_copy / "HAM10000_images_part_1"
+  image_id = sorted(part_1.iterdir())[0].stem
+  real = (part_1 / f"{image_id}.jpg").read_bytes()
+  # A folder of resized copies beside the layout's, sorting before it: today its copy wins.
+  (small_copy / "HAM10000_images_224").mkdir()
+  (small_copy / "HAM10000_images_224" / f"{image_id}.jpg").write_bytes(real[: len(real) // 2])
+  (small_copy / "HAM10000_images_224" / "ISIC_9999999.jpg").write_bytes(real)  # not in the metadata: ignored
+  source = sources.open_source(str(small_copy))
+  assert sources.read_bytes(source.images[image_id]) == real
+  # The Kaggle copy's lowercase twin folder: an identical twin is fine, a different file is not.
+  (small_copy / "ham10000_images_part_1").mkdir()
+  (small_copy / "ham10000_images_part_1" / f"{image_id}.jpg").write_bytes(real)
+  assert sources.read_bytes(sources.open_source(str(small_copy)).images[image_id]) == real
+  (small_copy / "ham10000_images_part_1" / f"{image_id}.jpg").write_bytes(real + b"\0" * 10)
+  with pytest.raises(sources.SourceError, match=f"image {image_id} is in the source twice") as twice:
+    sources.open_source(str(small_copy))
+  assert str(part_1 / f"{image_id}.jpg") in str(twice.value)
+  assert str(small_copy / "ham10000_images_part_1" / f"{image_id}.jpg") in str(twice.value)
+
+
 def test_missing_image_is_named(small_copy):
   table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
   victim = table["image_id"][7]

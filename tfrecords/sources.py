@@ -227,10 +227,7 @@ def _open_folder(folder: str, description: str, external: bool = False) -> Sourc
     table = tables[isic_ground_truth_file(part)]
     metadata = read_isic_ground_truth(table, tables.get(isic_groupings_file(part)))
     layout = f"isic2018:{part}"
-  jpegs = {}
-  for name, ref in entries:  # first seen wins: `HAM10000_images_part_1` sorts before its twin
-    if _is_image(name):
-      jpegs.setdefault(os.path.splitext(name)[0], ref)
+  jpegs = _images_by_id(entries)
   if not jpegs:
     raise SourceError(f"{description}: no JPEG images found beside {table}")
   missing = [i for i in metadata["image_id"] if i not in jpegs]
@@ -240,6 +237,35 @@ def _open_folder(folder: str, description: str, external: bool = False) -> Sourc
                       f"{folder} ({len(missing)} images missing in all)")
   images = {i: jpegs[i] for i in metadata["image_id"]}
   return Source(description, metadata, images, str(table), layout)
+
+
+# The folders a layout keeps its images in (the Kaggle copy also has lowercase twins of both).
+LAYOUT_FOLDERS = tuple(f.lower() for f in IMAGE_FOLDERS) + tuple(isic_input_folder(p).lower() for p in ISIC_PARTS)
+
+
+def _in_layout_folder(ref: ImageRef) -> bool:
+  where = ref.member if ref.member is not None else ref.path
+  return posixpath.basename(posixpath.dirname(where.replace(os.sep, "/"))).lower() in LAYOUT_FOLDERS
+
+
+def _images_by_id(entries) -> dict[str, ImageRef]:
+  """image_id → its JPEG. The layout's folders are read first, and an image found there is the
+  image: a copy elsewhere under --source (a folder of resized copies, say) is never read. Two
+  files for one id within the layout (the Kaggle copy's lowercase twins) must be the same file:
+  sizes that differ stop the conversion, naming both."""
+  images = [(name, ref) for name, ref in entries if _is_image(name)]
+  jpegs = {}
+  # Layout folders first; within them, `HAM10000_images_part_1` sorts before its lowercase twin.
+  for name, ref in sorted(images, key=lambda entry: not _in_layout_folder(entry[1])):
+    image_id = os.path.splitext(name)[0]
+    first = jpegs.setdefault(image_id, ref)
+    # Sizes where they are cheap to read (local files, zip members); a gs:// stat is a request each.
+    cheap = all(r.member is not None or "://" not in r.path for r in (first, ref))
+    if (first is not ref and _in_layout_folder(ref) and cheap
+        and _image_size(first).split()[0] != _image_size(ref).split()[0]):
+      raise SourceError(f"image {image_id} is in the source twice, as two different files: {first} and {ref}; "
+                        "remove the wrong one")
+  return jpegs
 
 
 def _isic_part(tables: dict, description: str, external: bool) -> str | None:
