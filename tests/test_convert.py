@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,52 @@ def test_a_stray_copy_of_an_image_is_never_read_and_differing_twins_are_named(sm
     sources.open_source(str(small_copy))
   assert str(part_1 / f"{image_id}.jpg") in str(twice.value)
   assert str(small_copy / "ham10000_images_part_1" / f"{image_id}.jpg") in str(twice.value)
+
+
+@pytest.mark.parametrize("setting, value, named", [("jpeg_quality", 500, "--jpeg_quality=500"),
+                                                    ("jpeg_quality", 0, "--jpeg_quality=0"),
+                                                    ("seed", -1, "--seed=-1"),
+                                                    ("image_size", 100_000, "--image_size=100000")])
+def test_settings_that_cannot_work_are_named(setting, value, named):
+  with pytest.raises(convert.cli.UserError, match=re.escape(named)):
+    convert.validate(convert.Settings(source="x", **{setting: value}))
+  convert.validate(convert.Settings(source="x"))
+
+
+def _unreadable(root, image_ids):
+  for image_id in image_ids:
+    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+      if (root / part / f"{image_id}.jpg").exists():
+        (root / part / f"{image_id}.jpg").write_bytes(b"not a jpeg")
+
+
+def test_skipping_may_not_empty_the_conversion_nor_a_class_of_a_split(small_copy, tmp_path):
+  metadata = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  source = sources.open_source(str(small_copy))
+  settings = convert.Settings(source=str(small_copy), num_train_shards=2, num_eval_shards=1)
+  # Every df image unreadable: df is in every split of the plan, and would be in none.
+  _unreadable(small_copy, metadata["image_id"][metadata["dx"] == "df"])
+  out = tmp_path / "out"
+  with pytest.raises(convert.ConversionError, match=r"every df image of the \w+ split \(\d+\) was skipped"):
+    convert.convert(source, str(out), settings, workers=1, skip_bad_images=True)
+  assert not (out / "manifest.json").exists()  # not called finished
+  _unreadable(small_copy, metadata["image_id"])
+  with pytest.raises(convert.ConversionError, match=r"no image of .* could be converted \(300 skipped"):
+    convert.convert(source, str(tmp_path / "out2"), settings, workers=1, skip_bad_images=True)
+  assert not (tmp_path / "out2" / "manifest.json").exists()
+
+
+def test_num_lesions_counts_what_was_written(small_copy, tmp_path):
+  metadata = pd.read_csv(small_copy / "HAM10000_metadata.csv")
+  single = metadata.groupby("lesion_id").filter(lambda rows: len(rows) == 1 and rows["dx"].iloc[0] == "nv")
+  _unreadable(small_copy, single["image_id"][:1])
+  source = sources.open_source(str(small_copy))
+  settings = convert.Settings(source=str(small_copy), num_train_shards=2, num_eval_shards=1)
+  manifest = convert.convert(source, str(tmp_path / "out"), settings, workers=1, skip_bad_images=True)
+  split_table = pd.read_csv(tmp_path / "out" / "split.csv")
+  name = split_table.set_index("image_id").at[single["image_id"].iloc[0], "split"]
+  planned = split_table["lesion_id"][split_table["split"] == name].nunique()
+  assert manifest["splits"][name]["num_lesions"] == planned - 1
 
 
 def test_missing_image_is_named(small_copy):

@@ -59,6 +59,9 @@ class Settings:
 _DEFAULT = Settings(source="kaggle")
 
 
+MAX_IMAGE_SIZE = 4096  # HAM10000's images are 600×450: larger only upsamples, at great cost
+
+
 class ConversionError(cli.UserError):
   """The conversion cannot go on; the message says why and what to do."""
 
@@ -326,6 +329,7 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
       bar.close()
 
   check_written(done)
+  check_nothing_emptied(source, settings, split, done)
   manifest = _manifest(source, settings, split, done, source_fingerprint)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
   if not output_dir.startswith("ram://"):  # TFDS reads local and gs:// folders, not TensorFlow's ram://
@@ -376,6 +380,26 @@ def check_written(done: dict):
                               f"splits ({name} among its shards)")
 
 
+def check_nothing_emptied(source, settings, split, done: dict):
+  """Skipped images (--skip_bad_images) may not empty the conversion, nor take every image of a
+  class out of a split that was planned with it: the split promises every class in every split
+  (an --external set, which is not split, may lack a class, but not be empty)."""
+  written = sum(stats["num_examples"] for stats in done.values())
+  if not written:
+    raise ConversionError(f"no image of {source.description} could be converted ({len(source.metadata)} "
+                          "skipped as unreadable): nothing was finished; see the skipped images' errors above")
+  if settings.external:
+    return
+  for name in split_names(settings):
+    planned = source.metadata["dx"][split == name].value_counts()
+    shards = [stats for stats in done.values() if stats["name"].startswith(name + "-")]
+    for dx, count in planned.items():
+      if not sum(stats["class_counts"][dx] for stats in shards):
+        raise ConversionError(f"every {dx} image of the {name} split ({count}) was skipped as unreadable: "
+                              f"the split would have no {dx}; fix or replace those images (the converter "
+                              "logged each), then rerun")
+
+
 def _manifest(source, settings, split, done, source_fingerprint):
   splits = {}
   for name in split_names(settings):
@@ -383,7 +407,7 @@ def _manifest(source, settings, split, done, source_fingerprint):
     class_counts = {dx: sum(s["class_counts"][dx] for s in shards) for dx in features.CLASS_NAMES}
     splits[name] = {
         "num_examples": sum(s["num_examples"] for s in shards),
-        "num_lesions": int(source.metadata["lesion_id"][split == name].nunique()),
+        "num_lesions": len({lesion for s in shards for lesion in s["lesion_ids"]}),  # as written
         "class_counts": class_counts,
         "shards": [{k: s[k] for k in ("name", "num_examples", "sha256")} for s in shards],
     }
@@ -422,14 +446,24 @@ def check_not_in_training(source: sources.Source, train_data_dir: str):
                           f"{', '.join(shared[:5])}): an external set must be new to the model")
 
 
+def validate(settings: Settings):
+  """A UserError naming the first setting that cannot work, before anything is read or written."""
+  if not 0 <= settings.image_size <= MAX_IMAGE_SIZE:
+    raise cli.UserError(f"--image_size={settings.image_size} must be 0 (keep the original) or a size up to "
+                        f"{MAX_IMAGE_SIZE}")
+  if not 1 <= settings.jpeg_quality <= 100:
+    raise cli.UserError(f"--jpeg_quality={settings.jpeg_quality} must be between 1 and 100")
+  if settings.seed < 0:
+    raise cli.UserError(f"--seed={settings.seed} must not be negative")
+
+
 def main(argv):
   del argv
   settings = settings_from_flags()
   for flag in ("num_train_shards", "num_eval_shards", "workers"):
     if FLAGS[flag].value < 1:
       raise cli.UserError(f"--{flag}={FLAGS[flag].value} must be at least 1")
-  if settings.image_size < 0:
-    raise cli.UserError(f"--image_size={settings.image_size} must be 0 (keep) or a positive size")
+  validate(settings)
   if FLAGS.train_data_dir and not settings.external:
     raise cli.UserError("--train_data_dir is for --external conversions")
   source = sources.open_source(settings.source, settings.kaggle_version, settings.external)
