@@ -133,6 +133,24 @@ def test_isic_layout_bad_input_is_named(isic_training_dir, tmp_path):
   os.remove(os.path.join(missing, sources.isic_input_folder("Training"), f"{victim}.jpg"))
   with pytest.raises(sources.SourceError, match=f"{truth_name} row 7: image {victim} not found"):
     sources.open_source(missing)
+  # An image given two lesions: named with its rows.
+  twice = broken(lambda n, t: pd.concat([t, t[t["image"] == victim].assign(lesion_id="HAM_9999999")])
+                 if n == groupings_name else t)
+  with pytest.raises(sources.SourceError, match=f"{groupings_name}: image {victim} is given two lesions"):
+    sources.open_source(twice)
+
+
+def test_the_isic_training_part_needs_its_lesion_groupings(isic_training_dir, tmp_path, caplog):
+  """Without them each image would be its own lesion, and photos of one lesion would cross splits."""
+  folder = tmp_path / "no_groupings"
+  shutil.copytree(isic_training_dir, folder, copy_function=os.link)
+  os.remove(folder / sources.isic_groupings_file("Training"))
+  with pytest.raises(sources.SourceError, match=f"{sources.isic_groupings_file('Training')} not found"):
+    sources.open_source(str(folder))
+  # As an external set (not split), the documented fallback holds, with a warning.
+  external = sources.open_source(str(folder), external=True)
+  assert (external.metadata["lesion_id"] == external.metadata["image_id"]).all()
+  assert "each image counts as its own lesion" in caplog.text
 
 
 def test_external_conversion_is_one_unsplit_split_that_tfds_reads(isic_test_conversion):

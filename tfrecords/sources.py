@@ -10,8 +10,10 @@ folders (or their zip archives). The ISIC 2018 challenge's (Task 3):
 columns; also inside a zip) and, for the training part only,
 `…_LesionGroupings.csv`. That layout has no age, sex or localization: they are
 stored as the contract's missing values (NaN, ""). Its `diagnosis_confirm_type`
-is stored as `dx_type` in HAM10000's words (DIAGNOSIS_CONFIRM_TYPES). A part
-without lesion groupings (Validation, Test) makes each image its own lesion.
+is stored as `dx_type` in HAM10000's words (DIAGNOSIS_CONFIRM_TYPES). The
+training part must come with its groupings (a conversion splits it by lesion); a
+part without them (Validation, Test, any --external set) makes each image its own
+lesion, with a warning.
 Zip archives on gs:// are copied to a local temporary folder once (zipfile
 reads local files only).
 """
@@ -225,7 +227,15 @@ def _open_folder(folder: str, description: str, external: bool = False) -> Sourc
       raise SourceError(f"{description}: no {METADATA_FILE} and no {ISIC_PREFIX}*_GroundTruth.csv found "
                         "(an empty or wrong --source?)")
     table = tables[isic_ground_truth_file(part)]
-    metadata = read_isic_ground_truth(table, tables.get(isic_groupings_file(part)))
+    groupings = tables.get(isic_groupings_file(part))
+    if groupings is None:
+      if part == "Training" and not external:
+        # A separate download; without it photos of one lesion would land in different splits.
+        raise SourceError(f"{description}: {isic_groupings_file(part)} not found beside {table}: the training "
+                          "part needs its lesion groupings (a separate download from the challenge site), or "
+                          "photos of one lesion land in different splits")
+      logging.warning("%s: no %s: each image counts as its own lesion", description, isic_groupings_file(part))
+    metadata = read_isic_ground_truth(table, groupings)
     layout = f"isic2018:{part}"
   jpegs = _images_by_id(entries)
   if not jpegs:
@@ -323,6 +333,11 @@ def read_isic_ground_truth(ref: ImageRef, groupings: ImageRef | None) -> pd.Data
   if groupings is not None:
     table = _read_csv(groupings, {"image": str, "lesion_id": str, "diagnosis_confirm_type": str})
     _require_columns(table, groupings, ("image", "lesion_id", "diagnosis_confirm_type"))
+    lesions = table.groupby("image")["lesion_id"].nunique()
+    if (lesions > 1).any():
+      image = lesions.index[lesions > 1][0]
+      rows = ", ".join(str(r + 2) for r in table.index[table["image"] == image])
+      raise SourceError(f"{groupings}: image {image} is given two lesions (rows {rows}); an image shows one lesion")
     table = table.drop_duplicates("image").set_index("image")
     ungrouped = ~metadata["image_id"].isin(table.index)
     if ungrouped.any():
