@@ -43,6 +43,9 @@ def class_weights(class_counts: list[int]) -> np.ndarray:
   return weights
 
 
+LABEL_OUTSIDE_MAP = "label outside the label_map"
+
+
 def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files: bool, seed: int = 0,
              take: int | None = None) -> tf.data.Dataset:
   """(uint8 image at the training size, label, metadata dict) per example."""
@@ -54,12 +57,20 @@ def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files
   if take:
     dataset = dataset.take(take)
 
+  num_classes = len(info.class_counts)
+
   def parse(record):
     example = features.parse_example(record, [features.IMAGE_ENCODED, features.LABEL, *keys])
     # Shards converted at the training size (`tfrecords.convert --image_size`) skip the resize.
     image = features.decode_and_resize(example[features.IMAGE_ENCODED], image_size)
     metadata = {name: example[key] for name, key in METADATA_KEYS.items() if key in keys}
-    return image, example[features.LABEL], metadata
+    # A label the manifest does not know would become an all-zero one-hot target, silently.
+    known = tf.debugging.assert_less(example[features.LABEL], tf.constant(num_classes, tf.int64), message=(
+        f"{LABEL_OUTSIDE_MAP}: a shard of the {info.name} split holds a label beyond the manifest's "
+        f"{num_classes} classes"))
+    with tf.control_dependencies([known]):
+      label = tf.identity(example[features.LABEL])
+    return image, label, metadata
 
   return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle_files)
 

@@ -326,6 +326,13 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
     # TensorFlow's "corrupted record at 28912" names no file: the checksums do.
     manifest_lib.check_shards(cfg.data_dir, manifest, ("train", "validation"))
     raise
+  except tf.errors.InvalidArgumentError as e:
+    if data.LABEL_OUTSIDE_MAP not in str(e):
+      raise
+    message = next(line for line in str(e).splitlines() if data.LABEL_OUTSIDE_MAP in line)
+    raise cli.UserError(f"--data_dir={cfg.data_dir}: {message.split(data.LABEL_OUTSIDE_MAP + ': ', 1)[-1]} "
+                        f"({manifest_lib.MANIFEST_FILE} disagrees with its shards: convert again with "
+                        "--overwrite)") from None
   finally:
     if not chief:  # its temporary folder, stopped or not
       fileio.remove_if_exists(model_dir)

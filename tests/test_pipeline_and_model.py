@@ -214,3 +214,31 @@ def test_mixed_precision_policy_choice():
   assert performance.policy_name("auto", "one_device") == "float32"  # this machine has no GPU
   assert performance.policy_name("float16", "mirrored") == "mixed_float16"
   assert performance.policy_name("off", "tpu") == "float32"
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_named(shards_dir, tmp_path):
+  import shutil
+  data_dir = tmp_path / "edited"
+  shutil.copytree(shards_dir, data_dir)
+  manifest = json.load(open(data_dir / "manifest.json"))
+  six = {name: index for name, index in manifest["label_map"].items() if name != "vasc"}
+  edited = {**manifest, "label_map": six}
+  json.dump(edited, open(data_dir / "manifest.json", "w"))
+  with pytest.raises(manifest_lib.cli.UserError, match=r"manifest.json: its label_map .* differs from .*label_map.json"):
+    manifest_lib.read(str(data_dir))
+  json.dump(six, open(data_dir / "label_map.json", "w"))  # both edited alike: the counts still say vasc
+  with pytest.raises(manifest_lib.cli.UserError, match=r"the train split holds vasc images, which its label_map"):
+    manifest_lib.read(str(data_dir))
+  json.dump({**six, "vasc": 9}, open(data_dir / "label_map.json", "w"))
+  json.dump({**manifest, "label_map": {**six, "vasc": 9}}, open(data_dir / "manifest.json", "w"))
+  with pytest.raises(manifest_lib.cli.UserError, match=r"does not number its classes 0..6"):
+    manifest_lib.read(str(data_dir))
+
+
+def test_a_label_beyond_the_manifests_classes_stops_the_pipeline(shards_dir):
+  manifest = manifest_lib.read(shards_dir)
+  info = manifest_lib.split_info(shards_dir, manifest, "train")
+  six = manifest_lib.SplitInfo(info.name, info.files, info.num_examples, info.class_counts[:6])
+  with pytest.raises(tf.errors.InvalidArgumentError, match=data.LABEL_OUTSIDE_MAP):
+    for _ in data.validation_dataset(six, IMAGE_SIZE, 64, cache="none").dataset:
+      pass

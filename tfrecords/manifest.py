@@ -45,7 +45,28 @@ def read(data_dir: str) -> dict:
   if missing:
     raise cli.UserError(f"{path}: not a manifest written by tfrecords.convert (no "
                         f"{' or '.join(missing)}); convert again with --overwrite")
+  check_label_map(data_dir, manifest)
   return manifest
+
+
+def check_label_map(data_dir: str, manifest: dict):
+  """The manifest's classes agree with themselves, with label_map.json beside it and with the
+  classes its splits count: a label_map edited by hand would otherwise train a head of the
+  wrong size, and the images of a dropped class would get all-zero targets."""
+  path = fileio.join(data_dir, MANIFEST_FILE)
+  classes = manifest["label_map"]
+  if sorted(classes.values()) != list(range(len(classes))):
+    raise cli.UserError(f"{path}: label_map {classes} does not number its classes 0..{len(classes) - 1}; "
+                        "convert again with --overwrite")
+  beside = fileio.join(data_dir, LABEL_MAP_FILE)
+  if tf.io.gfile.exists(beside) and fileio.read_json(beside) != classes:
+    raise cli.UserError(f"{path}: its label_map {classes} differs from {beside} "
+                        f"{fileio.read_json(beside)}; one was edited: convert again with --overwrite")
+  for split, info in manifest["splits"].items():
+    outside = sorted(name for name, count in info.get("class_counts", {}).items() if count and name not in classes)
+    if outside:
+      raise cli.UserError(f"{path}: the {split} split holds {', '.join(outside)} images, which its label_map "
+                          f"{classes} lacks; convert again with --overwrite")
 
 
 def write(output_dir: str, manifest: dict):
