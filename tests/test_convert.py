@@ -250,6 +250,27 @@ def test_num_lesions_counts_what_was_written(small_copy, tmp_path):
   assert manifest["splits"][name]["num_lesions"] == planned - 1
 
 
+def test_an_image_replaced_by_another_of_the_same_size_is_named(small_copy, tmp_path):
+  settings = convert.Settings(source=str(small_copy), num_train_shards=2, num_eval_shards=1)
+  out = str(tmp_path / "out")
+  convert.convert(sources.open_source(str(small_copy)), out, settings, workers=1)
+  victim = sorted((small_copy / "HAM10000_images_part_2").iterdir())[3]
+  content = bytearray(victim.read_bytes())
+  content[len(content) // 2] ^= 0xFF  # same size, another image
+  victim.write_bytes(bytes(content))
+  with pytest.raises(convert.ConversionError, match=rf"the source changed .*these differ: {victim.stem}\)"):
+    convert.convert(sources.open_source(str(small_copy)), out, settings, workers=1)
+  # A conversion made by an older version recorded sizes only: compared by sizes, it is still done.
+  plan_path, manifest_path = os.path.join(out, "plan.json"), os.path.join(out, "manifest.json")
+  plan = json.load(open(plan_path))
+  recorded, images = plan["source_fingerprint"], plan.pop("source_images")
+  old = {k: recorded[k] for k in ("rows", "images", "metadata_sha256")}
+  old["images_sha256"] = recorded["images_sha256_v1"]
+  json.dump({**plan, "source_fingerprint": old}, open(plan_path, "w"))
+  assert convert.convert(sources.open_source(str(small_copy)), out, settings, workers=1)["num_examples"] == 300
+  assert images[victim.stem].split(" crc32:")[0] == str(victim.stat().st_size)
+
+
 def test_missing_image_is_named(small_copy):
   table = pd.read_csv(small_copy / "HAM10000_metadata.csv")
   victim = table["image_id"][7]
@@ -412,7 +433,7 @@ def test_a_changed_source_is_never_resumed_nor_called_done(small_copy, tmp_path)
   image = small_copy / "HAM10000_images_part_1" / f"{table['image_id'][0]}.jpg"
   image.write_bytes(image.read_bytes() + b"\0")
   line = run_module("tfrecords.convert", *args, check=False).stderr.strip().splitlines()[-1]
-  assert "the source changed since this conversion began" in line and "their files differ" in line
+  assert "the source changed since this conversion began" in line and f"these differ: {table['image_id'][0]}" in line
   run_module("tfrecords.convert", *args, "--overwrite")
   manifest = json.load(open(out / "manifest.json"))
   assert manifest["num_examples"] == len(table)
@@ -446,10 +467,12 @@ def test_overwrite_keeps_the_old_conversion_until_the_new_one_is_finished(small_
   assert (out / "manifest.json").read_bytes() == old_manifest  # the old conversion, whole
   assert sorted(f for f in os.listdir(out) if f.startswith("train-")) == [
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
-  victim.write_bytes(good)
-  result = run_module("tfrecords.convert", *new)
-  assert "resuming:" in result.stderr  # the staged shards written before the failure are kept
+  # The same source again (a restored image would be a changed source, never resumed), the bad
+  # image now skipped: the staged shards written before the failure are kept.
+  result = run_module("tfrecords.convert", *new, "--skip_bad_images")
+  assert "resuming:" in result.stderr
   manifest = json.load(open(out / "manifest.json"))
+  assert manifest["num_examples"] == NUM_IMAGES - 1
   assert manifest["settings"]["num_train_shards"] == 3
   assert sorted(f for f in os.listdir(out) if f.startswith("train-")) == [
       f"train-0000{i}-of-00003.tfrecord" for i in range(3)]

@@ -198,7 +198,8 @@ def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) ->
   return plan
 
 
-def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source_fingerprint: dict) -> str:
+def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source_fingerprint: dict,
+                    source_images: dict) -> str:
   """What the folder holds, for this conversion: "empty", "unfinished" (this conversion, to
   resume), "finished" (this conversion of this very source), or "other" (to replace, which
   needs --overwrite)."""
@@ -210,7 +211,8 @@ def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source
     # A setting added since that plan was written has its default there.
     previous = {**{f.name: f.default for f in dataclasses.fields(Settings)
                    if f.default is not dataclasses.MISSING}, **(plan.get("settings") or {})}
-    changed_source = sources.fingerprint_changes(plan.get("source_fingerprint"), source_fingerprint)
+    changed_source = sources.fingerprint_changes(plan.get("source_fingerprint"), source_fingerprint,
+                                                 plan.get("source_images"), source_images)
     if previous == dataclasses.asdict(settings) and not changed_source:
       return "finished" if manifest_lib.MANIFEST_FILE in existing else "unfinished"
     if overwrite:
@@ -260,8 +262,10 @@ def _replace(output_dir: str, staging: str):
 
 
 def convert(source: sources.Source, output_dir: str, settings: Settings, workers: int = 1,
-            skip_bad_images: bool = False, overwrite: bool = False) -> dict:
-  """Runs (or finishes) a conversion and returns its manifest."""
+            skip_bad_images: bool = False, overwrite: bool = False,
+            fingerprint: tuple[dict, dict] | None = None) -> dict:
+  """Runs (or finishes) a conversion and returns its manifest. `fingerprint`: the source's,
+  when already taken (sources.fingerprint reads every local image)."""
   if settings.external:
     split = pd.Series(features.EXTERNAL, index=source.metadata.index, name="split")
   else:
@@ -271,8 +275,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
     raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
   fileio.makedirs(output_dir)
   fileio.check_writable(output_dir, "--output_dir")
-  source_fingerprint = sources.fingerprint(source)
-  state = _existing_state(output_dir, settings, overwrite, source_fingerprint)
+  source_fingerprint, source_images = fingerprint or sources.fingerprint(source)
+  state = _existing_state(output_dir, settings, overwrite, source_fingerprint, source_images)
   if state == "finished":
     logging.info("%s already holds this conversion of this source (manifest.json present): nothing to do",
                  output_dir)
@@ -283,7 +287,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
         fileio.read_json(fileio.join(staging, PLAN_FILE)).get("source_fingerprint"), source_fingerprint)):
       fileio.remove_if_exists(staging)  # our own scratch, of a source that has changed since
     logging.info("--overwrite: converting into %s, then replacing %s", staging, output_dir)
-    manifest = convert(source, staging, settings, workers, skip_bad_images)
+    manifest = convert(source, staging, settings, workers, skip_bad_images,
+                       fingerprint=(source_fingerprint, source_images))
     _replace(output_dir, staging)
     return manifest
 
@@ -291,7 +296,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
   split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
   fileio.write_json(fileio.join(output_dir, PLAN_FILE),
                     {"format_version": manifest_lib.FORMAT_VERSION, "settings": dataclasses.asdict(settings),
-                     "source_fingerprint": source_fingerprint})
+                     "source_fingerprint": source_fingerprint,
+                     "source_images": source_images})  # to name the images that change
   fileio.write_atomic(fileio.join(output_dir, SPLIT_FILE), split_table.to_csv(index=False))
 
   tasks, done = [], {}

@@ -29,6 +29,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 
 import pandas as pd
 import tensorflow as tf
@@ -112,32 +113,75 @@ def _image_size(ref: ImageRef) -> str:
   return str(tf.io.gfile.stat(ref.path).length)  # ram:// and other filesystems
 
 
-def fingerprint(source: "Source") -> dict:
-  """What the source holds, cheap to take: its metadata rows and its images with their sizes
-  (and CRCs, where the listing gives them: gs:// and zip archives). A conversion records it,
-  and will not resume, or call itself done, over a changed source."""
+def _local_record(path: str) -> str:
+  """Size and CRC-32 of a local file's content (HAM10000's 2.6 GB take seconds): modification
+  times would raise false alarms after a copy or a fresh download."""
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return f"{os.path.getsize(path)} crc32:{crc:08x}"
+
+
+FINGERPRINT_VERSION = 2  # 1: local files by size only; 2: by size and content
+
+
+def image_records(source: "Source") -> dict[str, str]:
+  """image_id → what its file is: size and CRC (of the content for local files, from the
+  listing for gs:// and zip archives; size alone on other filesystems)."""
   ids = sorted(source.images)
   gcs = [source.images[i].path for i in ids if source.images[i].path.startswith("gs://")
          and source.images[i].member is None]
   listing = _gcs_listing(gcs) if gcs else {}
-  sizes = [listing.get(source.images[i].path) or _image_size(source.images[i]) for i in ids]
-  listing = "\n".join(f"{i} {size}" for i, size in zip(ids, sizes))
-  return {"rows": int(len(source.metadata)), "images": len(ids),
+  records = {}
+  for i in ids:
+    ref = source.images[i]
+    local = ref.member is None and "://" not in ref.path
+    records[i] = listing.get(ref.path) or (_local_record(ref.path) if local else _image_size(ref))
+  return records
+
+
+def _digest(records: dict[str, str]) -> str:
+  return hashlib.sha256("\n".join(f"{i} {r}" for i, r in sorted(records.items())).encode()).hexdigest()
+
+
+def _as_version_1(records: dict[str, str]) -> dict[str, str]:
+  """Records as version 1 took them: local files by their size alone."""
+  return {i: r.split(" crc32:")[0] for i, r in records.items()}
+
+
+def fingerprint(source: "Source") -> tuple[dict, dict[str, str]]:
+  """What the source holds: its metadata rows and its images' records (image_records), as a
+  summary that a conversion's manifest records, and the per-image records that its plan keeps
+  to name the images that changed. A conversion will not resume, or call itself done, over a
+  changed source."""
+  records = image_records(source)
+  return {"version": FINGERPRINT_VERSION, "rows": int(len(source.metadata)), "images": len(records),
           "metadata_sha256": hashlib.sha256(source.metadata.to_csv(index=False).encode()).hexdigest(),
-          "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+          "images_sha256": _digest(records), "images_sha256_v1": _digest(_as_version_1(records))}, records
 
 
-def fingerprint_changes(recorded: dict | None, current: dict) -> str:
-  """What changed between two fingerprints, in words ('' when nothing did)."""
+def fingerprint_changes(recorded: dict | None, current: dict, recorded_images: dict | None = None,
+                        current_images: dict | None = None) -> str:
+  """What changed between two fingerprints, in words ('' when nothing did). A version-1
+  fingerprint (an older converter's) is compared by what it recorded: sizes of local files."""
   if recorded is None:
     return "it records no source fingerprint (written by an older version)"
+  version_1 = recorded.get("version", 1) == 1
   changes = []
   if recorded["metadata_sha256"] != current["metadata_sha256"]:
     changes.append(f"metadata rows {recorded['rows']} → {current['rows']}"
                    + ("" if recorded["rows"] != current["rows"] else ", their content differs"))
-  if recorded["images_sha256"] != current["images_sha256"]:
-    changes.append(f"images {recorded['images']} → {current['images']}"
-                   + ("" if recorded["images"] != current["images"] else ", their files differ"))
+  if recorded["images_sha256"] != current["images_sha256_v1" if version_1 else "images_sha256"]:
+    change = f"images {recorded['images']} → {current['images']}"
+    if recorded_images is not None and current_images is not None:
+      now = _as_version_1(current_images) if version_1 else current_images
+      differing = sorted(i for i in set(recorded_images) | set(now) if recorded_images.get(i) != now.get(i))
+      change += f", these differ: {', '.join(differing[:5])}" + (f" and {len(differing) - 5} more"
+                                                                  if len(differing) > 5 else "")
+    elif recorded["images"] == current["images"]:
+      change += ", their files differ"
+    changes.append(change)
   return "; ".join(changes)
 
 
