@@ -19,3 +19,5 @@
 It reads what tfrecords/ writes (tfrecords.manifest, tfrecords.features) and
 stores through tfrecords.fileio; tfrecords/ imports nothing from here.
 """
+
+import tfrecords  # noqa: F401  pylint: disable=unused-import  (TensorFlow's C++ log level, before TensorFlow loads)

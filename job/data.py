@@ -165,6 +165,12 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
   weight = steps * global_batch_size / max(num_examples, 1)
   real = _decoded(info, image_size, [], shuffle_files=False, take=take)
   real = _cached(real.map(lambda image, label, _: (image, label)), cache, "validation")
+  if cache != "none":
+    # Filled now, in one full pass: Keras stops each validation pass after `steps` batches, and
+    # a cache whose first pass is left unfinished is thrown away ("The calling iterator did not
+    # fully read the dataset being cached"), to be filled again at the next epoch.
+    for _ in real:
+      pass
   num_classes = len(info.class_counts)
   real = real.map(lambda image, label: (image, tf.one_hot(label, num_classes), weight))
   pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),

@@ -107,3 +107,18 @@ def python_warnings(stderr: str) -> list[str]:
   absl = re.compile(r"^W\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
   python = re.compile(r"^\S+\.py:\d+: \w*Warning: ")
   return [line for line in stderr.splitlines() if absl.match(line) or python.match(line)]
+
+
+# What TensorFlow prints at start-up before any code of ours can act, whatever
+# TF_CPP_MIN_LOG_LEVEL says (README, "A clean log"): absl's notice, once per TensorFlow library
+# and process, and, on a machine without a GPU, the CUDA driver's failed start.
+TENSORFLOW_STARTUP_LINES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+                            "cuda_platform.cc:52] failed call to cuInit: ")
+
+
+def warnings_and_errors(stderr: str) -> list[str]:
+  """Every warning or error line of a log: TensorFlow's C++ ones (`W0000 00:00:…`), absl's and
+  Python's, `WARNING:` ones; less TENSORFLOW_STARTUP_LINES."""
+  line_kinds = re.compile(r"^([WEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING|ERROR|\S+\.py:\d+: \w*Warning: )")
+  return [line for line in stderr.splitlines()
+          if line_kinds.match(line) and not any(known in line for known in TENSORFLOW_STARTUP_LINES)]

@@ -14,4 +14,15 @@ Shared by every package (which is why they live here, the bottom layer):
   cli.py        how every command starts: flags, --help, user errors as one line
   logs.py       log records at their true severity on Vertex AI
   progress.py   progress bars in a terminal, log lines elsewhere
+
+Importing it sets TensorFlow's C++ log level (below) before TensorFlow loads.
 """
+
+import os
+
+# TensorFlow's C++ runtime logs INFO and WARNING lines straight to stderr. In a healthy run they
+# are notices that need no action (tf.distribute's input prefetch cancelled at an epoch's end,
+# its MultiDeviceIterator's generator dataset left unoptimised), so every entry point keeps its
+# errors only, set here because each package imports this one before TensorFlow loads (the
+# converter's worker processes inherit it). A user's own TF_CPP_MIN_LOG_LEVEL wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
