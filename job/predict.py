@@ -125,8 +125,9 @@ def _to_csv(table: pd.DataFrame) -> str:
 def export_serving(inference: InferenceModel, export_dir: str):
   """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities.
 
-  The input is named `image_bytes`: Vertex AI Prediction and TF Serving decode
-  `{"b64": ...}` for an input whose name ends in `_bytes`."""
+  The input is named `image_bytes`: TF Serving decodes `{"b64": ...}` for any string input,
+  and the `_bytes` suffix is what Vertex AI's documentation asks of binary inputs (TF Serving
+  uses it to base64-encode outputs)."""
   class_names = tf.constant(inference.class_names)
   image_size, model = inference.image_size, inference.model
 

@@ -144,7 +144,8 @@ def tpu_machine_spec(v1, machine_type: str, accelerator_type: str | None, accele
   raise cli.UserError(f"{given}: TensorFlow "
                    "trains on Vertex AI's TPU v2 and v3 (--machine_type=cloud-tpu "
                    "--accelerator_type=TPU_V2|TPU_V3) and v5e (--machine_type="
-                   f"{'|'.join(TPU_V5E)}); TPU v4, v5p and v6e run JAX and PyTorch only")
+                   f"{'|'.join(TPU_V5E)}); Vertex AI custom training does not offer TPU v4 and v5p, and "
+                   "TensorFlow does not run on v6e")
 
 
 def trainer_args(data_dir: str, machine_type: str, accelerator_type: str | None, replica_count: int,

@@ -193,7 +193,8 @@ def test_vertex_dry_run_asks_for_real_tpu_shapes(args, machine):
 
 
 @pytest.mark.parametrize("args, cause", [
-    (["--machine_type=ct6e-standard-4t"], "TPU v4, v5p and v6e run JAX and PyTorch only"),
+    (["--machine_type=ct6e-standard-4t"], "TensorFlow does not run on v6e"),
+    (["--machine_type=ct5p-hightpu-4t", "--accelerator_type=TPU_V5P"], "does not offer TPU v4 and v5p"),
     (["--machine_type=ct4p-hightpu-4t", "--accelerator_type=TPU_V4_POD"], "v2 and v3"),
     (["--machine_type=cloud-tpu", "--accelerator_type=TPU_V3", "--accelerator_count=1"],
      "--accelerator_count=8"),
