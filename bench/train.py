@@ -8,7 +8,8 @@ one in-memory batch over and over. Each is timed over `--epochs` epochs after
 one warm-up epoch (tracing, cache fill), alternately, and the ratio is taken
 pair by pair. Then the same job under variants: mixed_bfloat16,
 steps_per_execution, XLA (augmentation included: job/augment.py compiles under
-XLA), and the augmentation left out (to see what running it in the step costs).
+XLA), the augmentation left out (to see what running it in the step costs), and
+last --deterministic (op determinism, which cannot be undone in a process).
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ def define_flags():
   flags.DEFINE_integer("epochs", 3, "Timed epochs per measurement (after one warm-up epoch).")
   flags.DEFINE_integer("rounds", 2, "job/bound pairs, alternated.")
   flags.DEFINE_bool("variants", True, "Also measure precision, steps_per_execution, XLA, augmentation.")
+  flags.DEFINE_bool("deterministic", True, "Last, the job with op determinism (its --deterministic).")
   flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
@@ -76,6 +78,12 @@ def main(argv):
         figures["xla_in_effect_with_augmentation"] = bool(variant.jit_compile)
       logging.info("%s: %.1f img/s (%.2f× the float32 job)", name, speed, speed / reference)
     performance.set_policy("float32")
+  if FLAGS.deterministic:
+    # Last: op determinism (the job's --deterministic) cannot be switched off in a process.
+    tf.config.experimental.enable_op_determinism()
+    speed = images_per_second(build(base, weights), pipeline(), steps, FLAGS.epochs, FLAGS.batch_size)
+    figures["deterministic_vs_float32"] = speed / figures["job_img_s"]
+    logging.info("deterministic: %.1f img/s (%.2f× the float32 job)", speed, figures["deterministic_vs_float32"])
   common.report(figures)
 
 

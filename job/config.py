@@ -47,6 +47,7 @@ class TrainConfig:
   cache: str = "auto"
   backup_steps: int = 0
   seed: int = 0
+  deterministic: bool = False
   debug: bool = False
   verify_shards: bool = True
   run_eagerly: bool = False
@@ -123,6 +124,9 @@ def define_flags():
   flags.DEFINE_integer("backup_steps", d("backup_steps"), "Also back up every N training steps (0: at "
                        "each epoch's end only). A backup is always saved on SIGTERM.")
   flags.DEFINE_integer("seed", d("seed"), "Random seed (weights, shuffling, augmentation).")
+  flags.DEFINE_bool("deterministic", d("deterministic"), "Repeatable runs: TensorFlow's op determinism "
+                    "with --seed, so the same flags on the same machine write the same history and "
+                    "metrics (slower; on one CPU device shown by the tests, on GPUs as TensorFlow documents).")
   flags.DEFINE_bool("debug", d("debug"), "A small subset (64 train, 32 validation and test images) "
                     "for a quick run on one GPU or CPU.")
   flags.DEFINE_bool("verify_shards", d("verify_shards"), "Check every shard's sha256 against the "

@@ -34,6 +34,7 @@ def define_flags():
   flags.DEFINE_float("stage1_lr", 1e-3, "Stage 1 learning rate (random features learn slower than "
                      "ImageNet's, so the demo starts higher than the job's 1e-4).")
   flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
+  flags.DEFINE_bool("deterministic", False, "Repeatable training (job.train --deterministic).")
 
 
 def main(argv):
@@ -47,7 +48,7 @@ def main(argv):
       data_dir=shards_dir, model_dir=FLAGS.model_dir, weights="none", image_size=FLAGS.image_size,
       global_batch_size=FLAGS.global_batch_size, stage1_epochs=FLAGS.stage1_epochs,
       stage2_epochs=FLAGS.stage2_epochs, stage1_lr=FLAGS.stage1_lr, mixed_precision="off",
-      seed=FLAGS.seed, base_batch_size=DEMO_BASE_BATCH)
+      seed=FLAGS.seed, base_batch_size=DEMO_BASE_BATCH, deterministic=FLAGS.deterministic)
   metrics = train.train_and_evaluate(cfg)
   print(f"\nTest split ({metrics['num_images']} images of {metrics['num_lesions']} lesions, "
         "synthetic data; 95% CI over lesions):")

@@ -235,6 +235,10 @@ def preflight(cfg: config_lib.TrainConfig) -> dict:
 
 def set_up_devices(cfg: config_lib.TrainConfig) -> tuple[tf.distribute.Strategy, str, bool]:
   """The strategy, the dtype policy (set) and whether XLA compiles the step; seeds set."""
+  if cfg.deterministic:
+    # With the seeds set below: the same kernels, tf.data order and random draws each run
+    # (tf.data's `deterministic=False` is overridden). It cannot be undone in this process.
+    tf.config.experimental.enable_op_determinism()
   if cfg.cpu_devices:
     distribute_utils.use_logical_cpu_devices(cfg.cpu_devices)
   strategy = distribute_utils.get_strategy(cfg.strategy, cfg.tpu)

@@ -38,6 +38,7 @@ def test_bench_train(work_dir):
                                       "--image_size=32", "--batch_size=16", "--epochs=1", "--rounds=1",
                                       "--novariants"))
   assert figures["job_img_s"] > 0 and figures["bound_img_s"] > 0 and figures["job_vs_bound"] > 0
+  assert figures["deterministic_vs_float32"] > 0
 
 
 def test_bench_gpu_smoke(work_dir):

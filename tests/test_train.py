@@ -326,3 +326,19 @@ def test_demo_runs_and_reports_against_the_baseline_with_a_clean_log(tmp_path):
   assert "balanced accuracy" in result.stdout and "always-nv 0.143" in result.stdout
   assert (tmp_path / "artifacts" / "best_model.keras").exists()
   assert warnings_and_errors(result.stderr) == []
+
+
+@pytest.mark.slow
+def test_deterministic_runs_repeat_their_history_and_test_metrics(shards_dir, tmp_path):
+  """Op determinism cannot be switched off inside a process: two small runs in two."""
+  runs = []
+  for name in ("a", "b"):
+    model_dir = tmp_path / name
+    run_module("job.train", f"--data_dir={shards_dir}", f"--model_dir={model_dir}", "--deterministic", "--seed=3",
+               "--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=2",
+               "--stage2_epochs=1", "--strategy=one_device", "--noserving", "--debug")
+    runs.append((pd.read_csv(model_dir / "history.csv"), json.load(open(model_dir / "metrics.json"))))
+  (history_a, metrics_a), (history_b, metrics_b) = runs
+  assert history_a.drop(columns=[c for c in history_a if c.endswith("seconds")], errors="ignore").equals(
+      history_b.drop(columns=[c for c in history_b if c.endswith("seconds")], errors="ignore"))
+  assert metrics_a == metrics_b
