@@ -128,6 +128,21 @@ class NonFiniteLoss(cli.UserError):
   """The training loss became NaN or infinite: the run stops, and publishes nothing from it."""
 
 
+class CheckWritesAllowed(keras.callbacks.Callback):
+  """First of the callbacks: stops the job once its writes are forbidden (the model_dir's lease
+  lost, job/run_state.py), before any later callback writes (TensorBoard, the backup)."""
+
+  def __init__(self, model_dir: str):
+    super().__init__()
+    self.model_dir = model_dir
+
+  def on_train_batch_end(self, batch, logs=None):
+    fileio.check_write(self.model_dir)
+
+  def on_epoch_end(self, epoch, logs=None):
+    fileio.check_write(self.model_dir)
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
   """Stops the job, naming the stage, epoch and step, when the loss is NaN or infinite.
 

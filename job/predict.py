@@ -145,6 +145,7 @@ def export_serving(inference: InferenceModel, export_dir: str):
   archive.track(model)
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  fileio.check_write(export_dir)  # Keras writes the SavedModel itself
   archive.write_out(export_dir, verbose=False)  # verbose prints every tracked variable's spec
 
 

@@ -235,8 +235,18 @@ class ModelDirInUse(cli.UserError):
   """Another job holds the model_dir."""
 
 
+class LeaseLost(cli.UserError):
+  """This job no longer holds its model_dir: it writes nothing more there."""
+
+
 class Lease:
-  """The chief's hold on a model_dir while it runs; see the module docstring."""
+  """The chief's hold on a model_dir while it runs; see the module docstring.
+
+  The heartbeat renews it every fifth of its time, retrying a failed renewal (a network
+  error, a 5xx) with backoff. It is lost when another job takes it over, or when no renewal
+  has succeeded for its whole time (others may then take it): from then on every write of
+  this process through tfrecords.fileio, and the callbacks' checks, stop the job in one line
+  before anything more is written (`check`)."""
 
   def __init__(self, model_dir: str, fingerprint: dict, seconds: float = LEASE_SECONDS):
     self.model_dir, self.seconds = model_dir, seconds
@@ -246,6 +256,7 @@ class Lease:
     self.holder = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
     self._token, self._stop = None, threading.Event()
     self._store = self._thread = None
+    self.lost: str | None = None  # why, once lost
 
   def _record(self) -> str:
     return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
@@ -262,7 +273,11 @@ class Lease:
       raise cli.UserError(f"--model_dir={self.model_dir} is not writable: {str(e).splitlines()[0][:200]}") from e
     if not created:
       text, token = self._store.read()
-      current = json.loads(text) if text else {}
+      try:
+        current = json.loads(text) if text else {}
+      except json.JSONDecodeError:
+        raise cli.UserError(f"{self.path} is not a lease this job wrote (not JSON): if no job is running into "
+                            "--model_dir, delete it and rerun") from None
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
           current.get("fingerprint") == self.fingerprint)
       expired = current.get("expires", 0) < time.time()
@@ -281,23 +296,54 @@ class Lease:
                    "the same Vertex AI job, restarted" if same_job else
                    "its process on this host has ended" if dead else "it had expired")
     self._token = self._store.read()[1]
+    fileio.add_write_guard(self.check)
     self._thread = threading.Thread(target=self._heartbeat, name="model-dir-lease", daemon=True)
     self._thread.start()
     return self
 
   def _heartbeat(self):
+    renewed = time.time()
     while not self._stop.wait(self.seconds / 5):
-      if self._store.replace(self._record(), self._token):
-        self._token = self._store.read()[1]
-      else:
-        logging.error("the lease on %s was taken by another job: this job no longer holds the model_dir",
-                      self.model_dir)
-        return
+      delay = 1.0
+      while True:
+        try:
+          if self._store.replace(self._record(), self._token):
+            self._token, renewed = self._store.read()[1], time.time()
+          else:
+            text = self._store.read()[0]
+            holder = (json.loads(text).get("holder") if text else None) or "another job"
+            self._lose(f"it was taken over by {holder}")
+            return
+          break
+        except Exception as e:  # pylint: disable=broad-except  (transient: the network, a 5xx)
+          if time.time() - renewed >= self.seconds:
+            self._lose(f"it could not be renewed for {self.seconds:g} s, its whole term ({str(e)[:200]})")
+            return
+          logging.warning("renewing the lease on %s failed (%s); retrying in %.0f s", self.model_dir,
+                          str(e).splitlines()[0][:200] if str(e) else type(e).__name__, delay)
+          if self._stop.wait(delay):
+            return
+          delay = min(2 * delay, self.seconds / 10)
+
+  def _lose(self, why: str):
+    self.lost = why
+    logging.error("the lease on %s is lost: %s; this job writes nothing more there", self.model_dir, why)
+
+  def check(self, path: str | None = None):
+    """Raises LeaseLost once the lease is lost (a write guard: `path` is what was to be written)."""
+    if self.lost:
+      target = f" (it was about to write {path})" if path else ""
+      raise LeaseLost(f"--model_dir={self.model_dir}: this job no longer holds its lease: {self.lost}; it "
+                      f"stopped before writing anything more{target}")
 
   def release(self):
+    fileio.remove_write_guard(self.check)
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=30)
-    if self._token is not None:
-      self._store.delete(self._token)
+    if self._token is not None and not self.lost:
+      try:
+        self._store.delete(self._token)
+      except Exception as e:  # pylint: disable=broad-except  (the job's own error matters more)
+        logging.warning("releasing the lease on %s failed: %s", self.model_dir, str(e)[:200])
       self._token = None

@@ -116,7 +116,8 @@ def stage_callbacks(run: Run, stage: int, initial_epoch: int) -> list[keras.call
   own_backup = backup if run.chief else run.path(
       artifacts.BACKUP_DIR, f"stage{stage}-worker{run.strategy.cluster_resolver.task_id}")
   callbacks = [
-      callbacks_lib.StopOnNonFiniteLoss(stage, run.learning_rates[stage]),  # first: before any saving
+      callbacks_lib.CheckWritesAllowed(run.model_dir),  # first: a lost lease stops before any write
+      callbacks_lib.StopOnNonFiniteLoss(stage, run.learning_rates[stage]),  # before any saving
       callbacks_lib.BestModelCheckpoint(run.inner, run.path(artifacts.BEST_MODEL_FILE),
                                         run.path(artifacts.BEST_MODEL_STATE_FILE), cfg.monitor, mode, stage,
                                         run.fingerprint(stage), write=run.chief),

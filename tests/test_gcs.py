@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -142,6 +143,31 @@ def test_the_model_dir_lease_on_gcs_is_exclusive(bucket, gcs):
   assert bucket.get_blob("leased/.lease.json") is None
   second = run_state.Lease(model_dir, {"run": 1}).acquire()
   second.release()
+
+
+def test_a_lease_replaced_on_gcs_mid_run_is_lost_and_forbids_further_writes(bucket, gcs):
+  """Another job's lease object written over ours (a new generation): the heartbeat's
+  precondition fails, and this job writes nothing more."""
+  from job import callbacks as callbacks_lib, run_state
+  from tfrecords import fileio
+  model_dir = gcs.url("replaced")
+  lease = run_state.Lease(model_dir, {"run": 1}, seconds=1.0).acquire()  # renewed every 0.2 s
+  try:
+    time.sleep(0.5)
+    assert lease.lost is None  # renewals go through
+    bucket.blob("replaced/.lease.json").upload_from_string(json.dumps({"holder": "vm-3 pid 9", "expires": 0}))
+    deadline = time.time() + 10
+    while lease.lost is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert lease.lost == "it was taken over by vm-3 pid 9"
+    with pytest.raises(run_state.LeaseLost, match=f"--model_dir={model_dir}: this job no longer holds its lease"):
+      callbacks_lib.CheckWritesAllowed(model_dir).on_epoch_end(0)
+    with pytest.raises(run_state.LeaseLost):
+      fileio.write_json(f"{model_dir}/history.json", {})
+  finally:
+    lease.release()
+  assert json.loads(bucket.blob("replaced/.lease.json").download_as_text())["holder"] == "vm-3 pid 9"  # theirs, kept
+  assert names(bucket, "replaced/") == {".lease.json"}
 
 
 def test_tfds_reads_the_shards_on_gcs(shards_on_gcs, gcs, bucket):

@@ -277,3 +277,77 @@ def test_a_lease_left_by_a_process_that_ended_on_this_host_is_taken_over(tmp_pat
     run_state.Lease(str(model_dir), {}).acquire()
   (model_dir / ".lease.json").write_text(json.dumps({**record, "host": socket.gethostname()}))
   run_state.Lease(str(model_dir), {}).acquire().release()
+
+
+class _FlakyStore:
+  """A lease store whose renewals fail `failures` times (a network error), then answer `then`."""
+
+  def __init__(self, failures, then=True):
+    self.failures, self.then, self.calls = failures, then, 0
+
+  def replace(self, text, token):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise ConnectionError("503 Service Unavailable")
+    return self.then
+
+  def read(self):
+    return json.dumps({"holder": "vm-9 pid 7"}), "token"
+
+  def delete(self, token):
+    pass
+
+
+def _lease_with(store, seconds, tmp_path, monkeypatch):
+  monkeypatch.setattr(run_state, "_store", lambda path: store)
+  monkeypatch.setattr(store, "create", lambda text: True, raising=False)
+  return run_state.Lease(str(tmp_path / "run"), {}, seconds=seconds).acquire()
+
+
+def test_a_lease_renewal_that_fails_is_retried_and_the_lease_kept(tmp_path, monkeypatch, caplog):
+  lease = _lease_with(_FlakyStore(failures=2), 10, tmp_path, monkeypatch)
+  try:
+    lease._stop.wait(2 + 3.5)  # pylint: disable=protected-access  (a renewal at 2 s, retries after 1 and 2 s)
+    assert lease.lost is None and "retrying in 1 s" in caplog.text
+    lease.check()
+  finally:
+    lease.release()
+
+
+def test_a_lost_lease_stops_every_later_write(tmp_path, monkeypatch):
+  taken = _lease_with(_FlakyStore(failures=0, then=False), 0.25, tmp_path, monkeypatch)
+  time.sleep(0.3)
+  assert taken.lost == "it was taken over by vm-9 pid 7"
+  with pytest.raises(run_state.LeaseLost, match=r"no longer holds its lease: it was taken over by vm-9 pid 7; "
+                     r"it stopped before writing anything more \(it was about to write .*history.csv\)"):
+    fileio.write_atomic(str(tmp_path / "run" / "history.csv"), "x")
+  assert not (tmp_path / "run" / "history.csv").exists()
+  # Inside a stage: the first callback stops fit before the best-model save after it writes.
+  model = _tiny_model(0.1)
+  x, y = np.zeros((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+  best = callbacks_lib.BestModelCheckpoint(model, str(tmp_path / "best_model.keras"), str(tmp_path / "best.json"),
+                                           "val_loss", "min", 1, {})
+  with pytest.raises(run_state.LeaseLost):
+    model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0,
+              callbacks=[callbacks_lib.CheckWritesAllowed(str(tmp_path / "run")), best])
+  assert not (tmp_path / "best_model.keras").exists()
+  taken.release()
+  fileio.write_atomic(str(tmp_path / "after_release.txt"), "x")  # the guard goes with the lease
+
+
+def test_a_lease_never_renewed_for_its_term_is_lost(tmp_path, monkeypatch):
+  lease = _lease_with(_FlakyStore(failures=10 ** 6), 0.5, tmp_path, monkeypatch)
+  try:
+    deadline = time.time() + 5
+    while lease.lost is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert lease.lost and lease.lost.startswith("it could not be renewed for 0.5 s, its whole term")
+  finally:
+    lease.release()
+
+
+def test_a_malformed_lease_file_is_named(tmp_path):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / ".lease.json").write_text("{not json")
+  with pytest.raises(run_state.cli.UserError, match=r"\.lease\.json is not a lease this job wrote .* delete it"):
+    run_state.Lease(str(tmp_path / "run"), {}).acquire()

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import uuid
+from typing import Callable
 
 import tensorflow as tf
 
@@ -54,9 +55,30 @@ def makedirs(path: str):
   tf.io.gfile.makedirs(path)
 
 
+# Checks every write of this process runs first, each raising to forbid it (job/run_state.py's
+# lease, once lost, forbids any further write into the model_dir).
+_WRITE_GUARDS: list[Callable[[str], None]] = []
+
+
+def add_write_guard(guard: Callable[[str], None]):
+  _WRITE_GUARDS.append(guard)
+
+
+def remove_write_guard(guard: Callable[[str], None]):
+  if guard in _WRITE_GUARDS:
+    _WRITE_GUARDS.remove(guard)
+
+
+def check_write(path: str):
+  """Raises if a write guard forbids writing `path` (for writers that do not go through here)."""
+  for guard in list(_WRITE_GUARDS):
+    guard(path)
+
+
 @contextlib.contextmanager
 def local_copy_then_upload(path: str, suffix: str = ""):
   """Yields a local temporary path; on success it becomes `path`, atomically."""
+  check_write(path)
   directory = os.path.dirname(path) if is_local(path) else None
   if directory:
     os.makedirs(directory, exist_ok=True)
