@@ -22,7 +22,8 @@ PREFLIGHT_FILE = "preflight.json"  # job.preflight's report: the only file a pre
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 TRAINING_CURVES_PLOT = "training_curves.png"
 RELIABILITY_PLOT = "reliability_diagram.png"
-SERVING_DIR = "serving"  # the serving SavedModel (job.predict.export_serving), to upload as it is
+SERVING_DIR = "serving"  # TF Serving's model base path: the SavedModel is in serving/{SERVING_VERSION}/
+SERVING_VERSION = "1"  # TF Serving serves <base>/<integer version>/saved_model.pb
 EVALUATION_DIR = "evaluation"  # evaluation/{split}/: a split other than test (job.evaluate --split)
 # The files of one run, which --overwrite clears with its checkpoints, backups and logs.
 RUN_FILES = (BEST_MODEL_FILE, BEST_MODEL_STATE_FILE, LABEL_MAP_FILE, HISTORY_FILE, RUN_CONFIG_FILE,

@@ -65,7 +65,7 @@ class TrainConfig:
     """Where the serving SavedModel goes at the end of training (None: not written)."""
     if not self.serving:
       return None
-    return self.export_dir or artifacts.path(self.model_dir, artifacts.SERVING_DIR)
+    return self.export_dir or artifacts.path(self.model_dir, artifacts.SERVING_DIR, artifacts.SERVING_VERSION)
 
   @property
   def logs_dir(self) -> str:
@@ -137,7 +137,8 @@ def define_flags():
   flags.DEFINE_bool("serving", d("serving"), "At the end, write the serving SavedModel (JPEG bytes in, "
                     "calibrated probabilities out), ready to upload to Vertex AI; --noserving skips it.")
   flags.DEFINE_string("export_dir", d("export_dir"), "Where the serving SavedModel goes (default: "
-                      "--model_dir/serving, i.e. $AIP_MODEL_DIR/serving on Vertex AI).")
+                      "--model_dir/serving/1, TF Serving's layout of a base folder and a version; "
+                      "$AIP_MODEL_DIR/serving/1 on Vertex AI).")
   flags.DEFINE_bool("overwrite", d("overwrite"), "Clear another run's state in --model_dir (and "
                     "--checkpoint_dir) instead of stopping.")
 

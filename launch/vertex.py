@@ -359,15 +359,15 @@ def print_best_trial(job, model_dir: str, data_dir: str):
         f"{trial_model}\n"
         f"  evaluate it on the test split, once:  python -m job.evaluate --model_dir={trial_model} "
         f"--data_dir={data_dir}\n"
-        f"  export and upload it:  python -m job.predict --model_dir={trial_model} --export_dir={trial_model}/serving"
+        f"  export and upload it:  python -m job.predict --model_dir={trial_model} --export_dir={trial_model}/serving/1"
         f" && python -m launch.upload_model --artifact_uri={trial_model}/serving --project=PROJECT", flush=True)
 
 
 def gcs_path(flag: str, value: str) -> str:
   """`value` as a gs:// URI: Vertex mounts gs://BUCKET/… at /gcs/BUCKET/… (Cloud Storage FUSE)."""
   if value.startswith("/gcs/") and len(value) > len("/gcs/"):
-    return "gs://" + value[len("/gcs/"):]
-  if not value.startswith("gs://"):
+    value = "gs://" + value[len("/gcs/"):]
+  if not value.startswith("gs://") or not value[len("gs://"):].split("/", 1)[0]:
     raise cli.UserError(f"--{flag}={value}: Vertex AI jobs read and write Cloud Storage: give gs://BUCKET/… "
                         "(or /gcs/BUCKET/…)")
   return value

@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Fixtures that train a run, render a second dataset or start a server: a test that uses one is
 # slow whatever it does itself. `pytest -m "not slow"` is the quick subset to run while working.
-SLOW_FIXTURES = {"trained_run", "tf215_python", "scorer_python", "isic_test_conversion", "isic_training_dir"}
+SLOW_FIXTURES = {"trained_run", "tf215_python", "tf219_python", "scorer_python", "isic_test_conversion", "isic_training_dir"}
 
 
 def pytest_collection_modifyitems(items):
@@ -71,3 +71,10 @@ def tf215_python(request):
   """TensorFlow 2.15, the newest of Vertex AI's pre-built prediction containers, on its own."""
   from helpers import cached_venv
   return cached_venv(request, "tensorflow-cpu-2.15", ["tensorflow-cpu==2.15.*"])
+
+
+@pytest.fixture(scope="session")
+def tf219_python(request):
+  """TensorFlow 2.19, the release Dockerfile.serving's TensorFlow Serving is built on."""
+  from helpers import cached_venv
+  return cached_venv(request, "tensorflow-cpu-2.19", ["tensorflow-cpu==2.19.*"])

@@ -93,7 +93,7 @@ def test_training_writes_every_artifact_to_gcs(trained_on_gcs, bucket):
   written = names(bucket, "runs/one/")
   for name in ("best_model.keras", "best_model.json", "label_map.json", "history.csv", "run_config.json",
                "metrics.json", "predictions.csv", "calibration.json", "confusion_matrix.png",
-               "checkpoints/stage1.json", "checkpoints/stage2.weights.h5", "serving/saved_model.pb"):
+               "checkpoints/stage1.json", "checkpoints/stage2.weights.h5", "serving/1/saved_model.pb"):
     assert name in written, name
   assert any(name.startswith("logs/") and "tfevents" in name for name in written)
   history = pd.read_csv(bucket.blob("runs/one/history.csv").open("r"))

@@ -435,16 +435,42 @@ def test_gpu_image_runs_as_an_unprivileged_user():
 
 def test_upload_model_dry_run_is_a_model_on_the_prebuilt_container(tmp_path):
   output = tmp_path / "model.json"
-  run_module("launch.upload_model", "--dry_run", f"--output={output}",
-             "--artifact_uri=/gcs/b/runs/r1/model/serving/", "--display_name=ham")
+  result = run_module("launch.upload_model", "--dry_run", f"--output={output}",
+                      "--artifact_uri=/gcs/b/runs/r1/model/serving/", "--display_name=ham")
   model = vertex_types().Model.from_json(output.read_text())
-  assert model.artifact_uri == "gs://b/runs/r1/model/serving" and model.display_name == "ham"
+  # The pre-built container reads the SavedModel's own folder: the version folder the job writes.
+  assert model.artifact_uri == "gs://b/runs/r1/model/serving/1" and model.display_name == "ham"
   assert model.container_spec.image_uri == upload_model.DEFAULT_SERVING_IMAGE
-  custom = upload_model.build_model(display_name="ham", artifact_uri="gs://b/s",
-                                    serving_image="europe-docker.pkg.dev/p/r/tf-serving:2.21")
+  assert "ends its availability in January 2027" in result.stderr
+  custom = upload_model.build_model(display_name="ham", artifact_uri="gs://b/runs/r1/model/serving/1",
+                                    serving_image="europe-docker.pkg.dev/p/r/ham10000-serving:1")
+  assert custom.artifact_uri == "gs://b/runs/r1/model/serving"  # TF Serving reads the base folder
   assert custom.container_spec.predict_route == "/v1/models/ham10000:predict"
   assert custom.container_spec.health_route == "/v1/models/ham10000"
   assert [p.container_port for p in custom.container_spec.ports] == [8501]
+  for bad in ("--artifact_uri=gs://", "--serving_image= "):
+    refused = run_module("launch.upload_model", "--dry_run", "--artifact_uri=gs://b/s", bad, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: --")
+
+
+def test_the_serving_image_does_what_vertex_asks_of_a_custom_container(tmp_path):
+  """Dockerfile.serving on a pinned TensorFlow Serving release, its entrypoint run here with a
+  stand-in tensorflow_model_server that prints the arguments it was given."""
+  dockerfile = open(os.path.join(REPO, "Dockerfile.serving")).read()
+  assert re.search(r"^FROM tensorflow/serving:2\.(19|2\d)\.\d+$", dockerfile, re.M)  # pinned, 2.19 or later
+  entrypoint = os.path.join(REPO, "launch", "serving_entrypoint.sh")
+  assert "COPY launch/serving_entrypoint.sh" in dockerfile
+  fake = tmp_path / "tensorflow_model_server"
+  fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+  fake.chmod(0o755)
+  env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "AIP_HTTP_PORT": "8080", "AIP_STORAGE_URI": "gs://b/r/model/serving"}
+  args = subprocess.run(["/bin/sh", entrypoint], env=env, capture_output=True, text=True, check=True).stdout.split()
+  assert args == ["--port=8500", "--rest_api_port=8080", f"--model_name={upload_model.TF_SERVING_MODEL_NAME}",
+                  "--model_base_path=gs://b/r/model/serving"]
+  model = upload_model.build_model(display_name="x", artifact_uri="gs://b/s", serving_image="x/ham10000-serving:1")
+  assert model.container_spec.health_route == f"/v1/models/{upload_model.TF_SERVING_MODEL_NAME}"
+  missing = subprocess.run(["/bin/sh", entrypoint], env={"PATH": env["PATH"]}, capture_output=True, text=True)
+  assert missing.returncode != 0 and "AIP_STORAGE_URI is not set" in missing.stderr
 
 
 def test_upload_model_waits_for_the_long_running_operation_through_the_real_client():
@@ -458,14 +484,14 @@ def test_upload_model_waits_for_the_long_running_operation_through_the_real_clie
     service.stop()
   assert name == "projects/p/locations/us-central1/models/7"
   assert service.operation_gets == 1  # the operation was followed until done
-  assert service.uploaded[0].model.artifact_uri == "gs://b/serving"
+  assert service.uploaded[0].model.artifact_uri == "gs://b/serving/1"  # pre-built: the version folder
 
 
-def test_the_serving_export_answers_alike_under_the_prebuilt_containers_tensorflow(trained_run, tf215_python,
-                                                                                    synthetic_dir):
-  """The pre-built prediction containers run TensorFlow 2.15: the export loads there and returns
-  the probabilities this TensorFlow returns (what makes the pre-built container the default)."""
-  serving = os.path.join(trained_run[1], "serving")
+def test_the_serving_export_answers_alike_under_the_serving_containers_tensorflow(trained_run, tf215_python,
+                                                                                   tf219_python, synthetic_dir):
+  """The pre-built prediction containers run TensorFlow 2.15, Dockerfile.serving's TF Serving
+  2.19: the export loads under both and returns the probabilities this TensorFlow returns."""
+  serving = os.path.join(trained_run[1], "serving", "1")
   images = [os.path.join(synthetic_dir, "HAM10000_images_part_1", name) for name in
             sorted(os.listdir(os.path.join(synthetic_dir, "HAM10000_images_part_1")))[:4]]
   script = ("import json, sys, tensorflow as tf\n"
@@ -474,13 +500,14 @@ def test_the_serving_export_answers_alike_under_the_prebuilt_containers_tensorfl
             "out = serve(image_bytes=images)\n"
             "print(json.dumps({'version': tf.__version__, 'p': out['probabilities'].numpy().tolist()}))\n")
   answers = []
-  for python in (tf215_python, sys.executable):
+  for python in (tf215_python, tf219_python, sys.executable):
     result = subprocess.run([python, "-c", script, serving, *images], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-3000:]
     answers.append(json.loads(result.stdout.strip().splitlines()[-1]))
-  assert answers[0]["version"].startswith("2.15.") and answers[1]["version"].startswith("2.21.")
-  assert np.allclose(answers[0]["p"], answers[1]["p"], atol=1e-5)
+  assert [a["version"][:5] for a in answers] == ["2.15.", "2.19.", "2.21."]
+  for answer in answers[:2]:
+    assert np.allclose(answer["p"], answers[2]["p"], atol=1e-5)
 
 
 def test_vertex_preflight_runs_the_preflight_on_the_same_machines_with_a_short_timeout():

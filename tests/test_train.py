@@ -207,7 +207,7 @@ def test_training_writes_a_serving_model_that_answers_jpeg_bytes(trained_run, sy
   _, run_dir = trained_run
   inference = predict.load_for_inference(run_dir)
   image = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
-  serving = tf.saved_model.load(os.path.join(run_dir, "serving")).signatures["serving_default"]
+  serving = tf.saved_model.load(os.path.join(run_dir, "serving", "1")).signatures["serving_default"]
   assert list(serving.structured_input_signature[1]) == ["image_bytes"]
   out = serving(image_bytes=tf.constant([open(image, "rb").read()] * 2))
   expected, _ = predict.predict_files(inference, [image])
