@@ -65,12 +65,12 @@ def test_tfds_reads_every_split_of_a_conversion(shards_dir):
       assert row["image/height"] == 450 and row["image/metadata/sex"] in (b"male", b"female", b"unknown")
 
 
-def test_the_readmes_tfds_example_runs_as_written(shards_dir):
-  """The README's TFDS block, run verbatim but for the folder: a dependency it needs that the
+def test_the_documented_tfds_example_runs_as_written(shards_dir):
+  """docs/data.md's TFDS block, run verbatim but for the folder: a dependency it needs that the
   README's install does not bring (jinja2, for tfds.as_dataframe) fails here."""
-  readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "tfds.builder_from_directory" in b]
-  assert len(blocks) == 1, "the README's TFDS example is gone"
+  page = open(os.path.join(REPO, "docs", "data.md"), encoding="utf-8").read()
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "tfds.builder_from_directory" in b]
+  assert len(blocks) == 1, "docs/data.md's TFDS example is gone"
   lines = blocks[0].replace('"/data/shards"', repr(shards_dir)).rstrip().splitlines()
   lines[-1] = f"frame = {lines[-1]}"  # the block ends in the expression a notebook would show
   namespace = {}

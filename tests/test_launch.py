@@ -360,7 +360,7 @@ def test_tpu_image_requirements_resolve_together(tmp_path):
 
 # install_requires name → the module product code imports (tensorboard: Keras's TensorBoard
 # callback imports it, not our code; jinja2: pandas' .style imports it for tfds.as_dataframe, the
-# README's TFDS example, which tests/test_interop.py runs).
+# TFDS example in docs/data.md, which tests/test_interop.py runs).
 IMPORT_NAMES = {"tensorflow": "tensorflow", "keras": "keras", "tensorflow-datasets": "tensorflow_datasets",
                 "google-cloud-storage": "google.cloud import storage", "kagglehub": "kagglehub",
                 "pandas": "pandas", "scikit-learn": "sklearn", "absl-py": "absl", "matplotlib": "matplotlib",

@@ -316,7 +316,7 @@ def test_keras_internals_the_backup_relies_on_are_still_there(tmp_path):
 def test_demo_runs_and_reports_against_the_baseline_with_a_clean_log(tmp_path):
   """Convert, train both stages, evaluate and export, as a user runs it (no TF_CPP_MIN_LOG_LEVEL of
   the tests'): no warning or error line but the start-up lines TensorFlow prints whatever the log
-  level, which the README lists with why they are harmless."""
+  level, which the README lists with why they are harmless ("A clean log")."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   result = subprocess.run([sys.executable, "-m", "job.demo", f"--work_dir={tmp_path / 'work'}",
                            f"--model_dir={tmp_path / 'artifacts'}", "--num_images=300", "--image_size=32",
