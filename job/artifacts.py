@@ -76,4 +76,9 @@ def load_best_model(model_dir: str) -> keras.Model:
   if not tf.io.gfile.exists(model_path):
     raise cli.UserError(f"--model_dir={model_dir}: no {BEST_MODEL_FILE} (training has not finished an "
                         "epoch there)")
-  return keras.saving.load_model(fileio.copy_to_local(model_path), safe_mode=True)
+  try:
+    return keras.saving.load_model(fileio.copy_to_local(model_path), safe_mode=True)
+  except (ValueError, OSError, KeyError) as e:  # zipfile's BadZipFile is an OSError
+    # Keras's words for a truncated file ("File not found: ...") name the wrong cause.
+    raise cli.UserError(f"{model_path} is not a readable Keras model ({type(e).__name__}); it may be cut short: "
+                        "rerun the training command to write it again") from None

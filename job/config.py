@@ -15,6 +15,7 @@ from tfrecords import cli
 
 FLAGS = flags.FLAGS
 MONITORS = ("val_f1", "val_accuracy", "val_loss")
+MIN_IMAGE_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,11 @@ def validated(cfg: TrainConfig) -> TrainConfig:
                "warmup_epochs"):
     if getattr(cfg, name) < 0:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must not be negative")
+  if cfg.stage1_epochs == cfg.stage2_epochs == 0:
+    raise cli.UserError("--stage1_epochs=0 --stage2_epochs=0: nothing to train (at least one epoch in all)")
+  if cfg.image_size < MIN_IMAGE_SIZE:
+    raise cli.UserError(f"--image_size={cfg.image_size}: ResNet-50 halves an image five times, so it takes "
+                        f"{MIN_IMAGE_SIZE} px or more")
   for name in ("stage1_lr", "stage2_lr"):
     if not 0 < getattr(cfg, name) < float("inf"):
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be a positive learning rate")

@@ -182,7 +182,11 @@ def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int
   if manifest_lib.class_names(manifest) != class_names:
     raise cli.UserError(f"--data_dir={data_dir} holds the classes {list(manifest_lib.class_names(manifest))}, "
                         f"the run in --model_dir={model_dir} {list(class_names)}")
-  test = predict_split(artifacts.load_best_model(model_dir), manifest_lib.split_info(data_dir, manifest, split),
+  info = manifest_lib.split_info(data_dir, manifest, split)
+  if not info.num_examples:
+    raise cli.UserError(f"--data_dir={data_dir}: the {split} split holds no images")
+  manifest_lib.check_shards(data_dir, manifest, (split,))  # a damaged shard, named, not a DataLossError
+  test = predict_split(artifacts.load_best_model(model_dir), info,
                        class_names, image_size, take=take)
   metrics = {"split": split, **compute_metrics(test, class_names, calibration_json,
                                                seed=run_config.get("seed", 0))}

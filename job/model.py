@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from job import augment as augment_lib
-from tfrecords import fileio
+from tfrecords import cli, fileio
 
 BACKBONE_NAME = "resnet50"
 BACKBONE_LAYERS = 175  # keras.applications.ResNet50 without its top, input layer included
@@ -46,7 +46,11 @@ def build_backbone(weights: str) -> keras.Model:
                                          weights="imagenet" if weights == "imagenet" else None,
                                          name=BACKBONE_NAME)
   if weights not in ("imagenet", "none"):
-    backbone.load_weights(fileio.copy_to_local(weights))  # h5py opens local files only
+    try:
+      backbone.load_weights(fileio.copy_to_local(weights))  # h5py opens local files only
+    except (ValueError, OSError, KeyError) as e:
+      raise cli.UserError(f"--weights={weights} is not a ResNet-50 no-top weights file "
+                          f"({str(e).splitlines()[0][:200]})") from None
   return backbone
 
 

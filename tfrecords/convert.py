@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import time
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,11 @@ _DEFAULT = Settings(source="kaggle")
 
 
 MAX_IMAGE_SIZE = 4096  # HAM10000's images are 600×450: larger only upsamples, at great cost
+MAX_PIXELS = 50_000_000  # per source image: a 20000×20000 JPEG takes gigabytes to decode
+
+
+class ImageTooLarge(ValueError):
+  """A source image over MAX_PIXELS (refused before it is decoded)."""
 
 
 class ConversionError(cli.UserError):
@@ -108,6 +114,11 @@ def _encode_image(jpeg: bytes, image_size: int, quality: int):
   """Decodes (so a corrupt image fails here) and optionally resizes as the seed does. The
   shards hold JPEG (`image/format` says so, and TFDS relies on it): another format kept at
   its size (a PNG named .jpg) is re-encoded."""
+  if jpeg.startswith(JPEG_MAGIC):  # the header says the size: refuse a decompression bomb before decoding
+    height, width = (int(n) for n in tf.image.extract_jpeg_shape(jpeg)[:2])
+    if height * width > MAX_PIXELS:
+      raise ImageTooLarge(f"{width}×{height} pixels, more than the {MAX_PIXELS:,} allowed "
+                          "(HAM10000's are 600×450)")
   if not image_size:
     image = tf.io.decode_jpeg(jpeg, channels=3)
     if not jpeg.startswith(JPEG_MAGIC):
@@ -129,7 +140,7 @@ def write_shard(task: ShardTask) -> dict:
         try:
           jpeg, height, width = _encode_image(sources.read_bytes(ref), task.image_size,
                                               task.jpeg_quality)
-        except (tf.errors.InvalidArgumentError, OSError, KeyError) as e:
+        except (tf.errors.InvalidArgumentError, OSError, KeyError, zipfile.BadZipFile, ImageTooLarge) as e:
           if not task.skip_bad_images:
             raise ConversionError(f"image {row['image_id']} ({ref}) cannot be decoded: "
                                   f"{str(e).splitlines()[-1][:200]}. Replace it, or rerun with "
@@ -443,6 +454,9 @@ def settings_from_flags() -> Settings:
 def check_not_in_training(source: sources.Source, train_data_dir: str):
   """Stops where an external set shares images with the conversion a model trains on."""
   manifest_lib.read(train_data_dir)  # a finished conversion, or a clear error
+  if not tf.io.gfile.exists(fileio.join(train_data_dir, SPLIT_FILE)):
+    raise ConversionError(f"--train_data_dir={train_data_dir} has no {SPLIT_FILE}: give the folder of the "
+                          "conversion the model trains on, as tfrecords.convert wrote it")
   with tf.io.gfile.GFile(fileio.join(train_data_dir, SPLIT_FILE)) as f:
     trained = set(pd.read_csv(f, dtype={"image_id": str})["image_id"])
   shared = [i for i in source.metadata["image_id"] if i in trained]

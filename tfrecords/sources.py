@@ -137,7 +137,10 @@ def image_records(source: "Source") -> dict[str, str]:
   for i in ids:
     ref = source.images[i]
     local = ref.member is None and "://" not in ref.path
-    records[i] = listing.get(ref.path) or (_local_record(ref.path) if local else _image_size(ref))
+    try:
+      records[i] = listing.get(ref.path) or (_local_record(ref.path) if local else _image_size(ref))
+    except OSError as e:  # a broken symlink, a link to itself, a file without read permission
+      raise SourceError(f"image {i}: {ref} cannot be read ({e.strerror or e})") from None
   return records
 
 
@@ -187,7 +190,11 @@ def fingerprint_changes(recorded: dict | None, current: dict, recorded_images: d
 
 @functools.lru_cache(maxsize=8)
 def _open_zip(path: str) -> zipfile.ZipFile:
-  return zipfile.ZipFile(path)
+  try:
+    return zipfile.ZipFile(path)
+  except zipfile.BadZipFile as e:
+    raise SourceError(f"{path}: not a readable zip archive ({e}); it may be cut short: download it "
+                      "again, or extract it beside it") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,8 +43,14 @@ def split_by_lesion(metadata: pd.DataFrame, val_fraction: float = 0.15, test_fra
   order = np.argsort(metadata["image_id"].to_numpy(dtype=str), kind="stable")
   ordered = metadata.iloc[order]
   fold_of_row = np.empty(len(metadata), dtype=np.int64)
-  for fold, (_, rows) in enumerate(folds.split(ordered, ordered["dx"], ordered["lesion_id"])):
-    fold_of_row[order[rows]] = fold
+  try:
+    for fold, (_, rows) in enumerate(folds.split(ordered, ordered["dx"], ordered["lesion_id"])):
+      fold_of_row[order[rows]] = fold
+  except ValueError as e:  # scikit-learn's words for too few lesions: "n_splits=20 greater than …"
+    raise cli.UserError(f"{metadata['lesion_id'].nunique()} lesions are too few to split "
+                        f"{100 * (1 - val_fraction - test_fraction):.0f}/{100 * val_fraction:.0f}/"
+                        f"{100 * test_fraction:.0f} by lesion ({n_folds} folds needed); use a larger source, "
+                        "or --external for a set that is not split") from None
   split = np.where(fold_of_row < k_test, "test",
                    np.where(fold_of_row < k_test + k_val, "validation", "train"))
   split = pd.Series(split, index=metadata.index, name="split")

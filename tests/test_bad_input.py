@@ -1,0 +1,136 @@
+"""Bad input, third pass: each case ends in one line that names the file, flag or image, run in
+process where it can be (a fresh Python that imports TensorFlow costs ~10 s)."""
+
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from job import artifacts, config as config_lib, evaluate, model as model_lib, train
+from tfrecords import cli, convert, sources, split as split_lib
+
+
+@pytest.fixture
+def small_copy(synthetic_dir, tmp_path):
+  root = tmp_path / "copy"
+  root.mkdir()
+  for name in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    shutil.copytree(os.path.join(synthetic_dir, name), root / name)
+  shutil.copy(os.path.join(synthetic_dir, "HAM10000_metadata.csv"), root)
+  return root
+
+
+def test_a_truncated_zip_archive_is_named(small_copy, tmp_path):
+  root = tmp_path / "zips"
+  root.mkdir()
+  shutil.copy(small_copy / "HAM10000_metadata.csv", root)
+  for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    shutil.make_archive(str(root / part), "zip", small_copy, part)
+  archive = root / "HAM10000_images_part_1.zip"
+  archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+  with pytest.raises(sources.SourceError, match=rf"{archive}: not a readable zip archive .* cut short"):
+    sources.open_source(str(root))
+
+
+def test_a_zip_member_with_a_bad_crc_is_skippable(small_copy, tmp_path):
+  root = tmp_path / "zips"
+  root.mkdir()
+  shutil.copy(small_copy / "HAM10000_metadata.csv", root)
+  for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    with zipfile.ZipFile(root / f"{part}.zip", "w", zipfile.ZIP_STORED) as archive:
+      for image in sorted((small_copy / part).iterdir()):
+        archive.write(image, f"{part}/{image.name}")
+  first = sorted((small_copy / "HAM10000_images_part_1").iterdir())[0]
+  data = bytearray((root / "HAM10000_images_part_1.zip").read_bytes())
+  at = data.find(first.read_bytes()[100:140])  # inside the first member's stored bytes
+  data[at] ^= 0xFF
+  (root / "HAM10000_images_part_1.zip").write_bytes(bytes(data))
+  source = sources.open_source(str(root))
+  settings = convert.Settings(source=str(root), num_train_shards=2, num_eval_shards=1)
+  with pytest.raises(convert.ConversionError, match=rf"image {first.stem} .* cannot be decoded: Bad CRC-32"):
+    convert.convert(source, str(tmp_path / "out"), settings, workers=1)
+  manifest = convert.convert(source, str(tmp_path / "out2"), settings, workers=1, skip_bad_images=True)
+  assert manifest["num_examples"] == len(source.metadata) - 1
+
+
+def test_an_image_that_links_to_itself_is_named(small_copy):
+  image = sorted((small_copy / "HAM10000_images_part_2").iterdir())[0]
+  image.unlink()
+  image.symlink_to(image)
+  with pytest.raises(sources.SourceError, match=rf"image {image.stem}: {image} cannot be read"):
+    sources.fingerprint(sources.open_source(str(small_copy)))
+
+
+def test_a_source_too_small_to_split_says_so():
+  metadata = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(6)], "image_id": [f"I{i}" for i in range(6)],
+                           "dx": ["nv", "mel"] * 3})
+  with pytest.raises(cli.UserError, match=r"6 lesions are too few to split 70/15/15 by lesion"):
+    split_lib.split_by_lesion(metadata)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(small_copy, monkeypatch):
+  jpeg = sorted((small_copy / "HAM10000_images_part_1").iterdir())[0].read_bytes()
+  monkeypatch.setattr(convert, "MAX_PIXELS", 600 * 450 - 1)
+  with pytest.raises(convert.ImageTooLarge, match=r"600×450 pixels, more than the 269,999 allowed"):
+    convert._encode_image(jpeg, 0, 95)  # pylint: disable=protected-access
+
+
+def test_train_data_dir_without_its_split_table_is_named(shards_dir, tmp_path, source):
+  data_dir = tmp_path / "shards"
+  shutil.copytree(shards_dir, data_dir)
+  os.remove(data_dir / "split.csv")
+  with pytest.raises(convert.ConversionError, match=rf"--train_data_dir={data_dir} has no split.csv"):
+    convert.check_not_in_training(source, str(data_dir))
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"image_size": 16}, "--image_size=16: ResNet-50 halves an image five times"),
+    ({"stage1_epochs": 0, "stage2_epochs": 0}, "--stage1_epochs=0 --stage2_epochs=0: nothing to train"),
+])
+def test_training_settings_that_cannot_work_are_named(changes, named):
+  with pytest.raises(cli.UserError, match=named):
+    config_lib.validated(config_lib.TrainConfig(data_dir="d", **changes))
+
+
+def test_weights_that_are_not_a_weights_file_are_named(tmp_path):
+  weights = tmp_path / "resnet50.h5"
+  weights.write_text("not hdf5")
+  with pytest.raises(cli.UserError, match=rf"--weights={weights} is not a ResNet-50 no-top weights file"):
+    model_lib.build_backbone(str(weights))
+
+
+def test_a_model_dir_that_is_a_file_and_an_empty_train_split_are_named(shards_dir, tmp_path):
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(cli.UserError, match=rf"--model_dir={tmp_path / 'a_file'} is a file"):
+    train.preflight(config_lib.TrainConfig(data_dir=shards_dir, model_dir=str(tmp_path / "a_file")))
+  data_dir = tmp_path / "shards"
+  shutil.copytree(shards_dir, data_dir)
+  manifest = json.load(open(data_dir / "manifest.json"))
+  manifest["splits"]["train"].update(num_examples=0, shards=[],
+                                     class_counts={c: 0 for c in manifest["splits"]["train"]["class_counts"]})
+  json.dump(manifest, open(data_dir / "manifest.json", "w"))
+  with pytest.raises(cli.UserError, match=rf"--data_dir={data_dir}: the train split holds no images"):
+    train.preflight(config_lib.TrainConfig(data_dir=str(data_dir), model_dir=str(tmp_path / "run")))
+
+
+@pytest.mark.slow
+def test_evaluation_names_a_damaged_test_shard_and_a_truncated_model(trained_run, shards_dir, tmp_path):
+  data_dir = tmp_path / "shards"
+  shutil.copytree(shards_dir, data_dir)
+  shard = sorted(data_dir.glob("test-*.tfrecord"))[0]
+  content = bytearray(shard.read_bytes())
+  content[len(content) // 2] ^= 0xFF
+  shard.write_bytes(bytes(content))
+  model_dir = tmp_path / "run"
+  shutil.copytree(trained_run[1], model_dir)
+  with pytest.raises(cli.UserError, match=rf"{shard} is damaged"):
+    evaluate.evaluate(str(model_dir), str(data_dir), "test", output_dir=str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+  best = model_dir / "best_model.keras"
+  best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+  with pytest.raises(cli.UserError, match=rf"{best} is not a readable Keras model .* cut short"):
+    artifacts.load_best_model(str(model_dir))
