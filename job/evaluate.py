@@ -119,6 +119,8 @@ def compute_metrics(test: pd.DataFrame, class_names, calibration_json: dict, see
       "num_images": int(len(test)),
       "num_lesions": int(test["lesion_id"].nunique()),
       "probabilities": "calibrated (temperature scaling); *_raw: as the model outputs them",
+      # The macro figures average over these: a class absent from the split has no recall.
+      "classes_averaged": [class_names[i] for i in sorted(set(labels.tolist()))],
       **metrics_lib.headline(labels, calibrated),
       "macro_roc_auc_raw": metrics_lib.macro_auc(labels, probabilities),
       "baselines": metrics_lib.baselines(labels, class_names),

@@ -23,8 +23,11 @@ def class_index(class_names, name: str) -> int | None:
 
 
 def headline(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+  """Accuracy, and balanced accuracy, macro F1 and macro AUC averaged over the classes present
+  in `labels` (a class absent from a split has no recall: the official ISIC scorer skips it,
+  and so do the F1 and the AUC, rather than count it as 0)."""
   predictions = probabilities.argmax(axis=1)
-  classes = list(range(probabilities.shape[1]))
+  classes = sorted(set(labels.tolist()))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # a resample can miss a class; the metric copes
     return {

@@ -27,7 +27,7 @@ from absl import flags, logging
 from job import artifacts, calibration, model as model_lib
 from tfrecords import cli, features, fileio, sources
 
-# What the decoder takes (tf.io.decode_jpeg reads PNG, GIF and BMP too), in a folder as named.
+# What job.predict reads (features.decode_and_resize with any_format), in a folder as named.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
@@ -69,7 +69,7 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
   """Label, probability and top 3 per readable image, plus every class probability; and the
   paths that could not be read or decoded as an image (the others are predicted all the same)."""
   def load(index, path):
-    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size)
+    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size, any_format=True)
 
   dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -166,6 +166,9 @@ def main(argv):
     logging.info("serving SavedModel written to %s", FLAGS.export_dir)
   paths = expand_paths(argv[1:])
   if not paths:
+    if argv[1:]:
+      raise cli.UserError(f"{' '.join(argv[1:])}: no image there (folders give their "
+                          f"{', '.join(IMAGE_SUFFIXES)} files; a glob matched nothing)")
     if not FLAGS.export_dir:
       raise cli.UserError("give JPEG files, folders or globs to predict (or --export_dir)")
     return
@@ -175,7 +178,8 @@ def main(argv):
   if FLAGS.format == "isic2018":
     if unreadable:
       raise cli.UserError(f"{len(unreadable)} of {len(paths)} files could not be read as images: "
-                          f"{', '.join(unreadable)}; no submission written (one without them is invalid)")
+                          f"{', '.join(unreadable)}; no submission written to {FLAGS.output} (one without "
+                          "them is invalid; an older file there, if any, is not this run's)")
     fileio.write_atomic(FLAGS.output, _to_csv(isic_submission(table, inference.class_names)))
     logging.info("ISIC 2018 submission of %d images written to %s", len(table), FLAGS.output)
   elif FLAGS.output:

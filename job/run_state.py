@@ -81,6 +81,11 @@ def check(cfg: config_lib.TrainConfig, manifest_sha256: str, overwrite: bool, ch
   if not conflicts:
     return
   changed = sorted({line for lines in conflicts for line in lines})
+  recorded_run = artifacts.path(cfg.model_dir, artifacts.RUN_CONFIG_FILE)
+  if tf.io.gfile.exists(recorded_run):  # the shards by their folders, not by two checksums
+    recorded_data = fileio.read_json(recorded_run).get("flags", {}).get("data_dir")
+    changed = [f"the shards: --data_dir={recorded_data} → {cfg.data_dir}" if line.startswith("manifest_sha256:")
+               and recorded_data else line for line in changed]
   if overwrite:
     if chief:
       logging.warning("--overwrite: clearing the other run in %s (%s)", cfg.model_dir, "; ".join(changed))

@@ -283,6 +283,8 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   try:
     if chief:
       fileio.check_writable(cfg.model_dir, "--model_dir")
+      for left in fileio.remove_temporaries(cfg.model_dir):  # an earlier attempt killed mid-write
+        logging.info("removed %s, left by an earlier attempt", left)
     # ... and before anything is built: does the model_dir hold another run?
     run_state.check(cfg, manifest_sha256, cfg.overwrite, chief)
     return _train(cfg, strategy, policy, xla, chief, manifest, manifest_sha256)

@@ -134,3 +134,59 @@ def test_evaluation_names_a_damaged_test_shard_and_a_truncated_model(trained_run
   best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
   with pytest.raises(cli.UserError, match=rf"{best} is not a readable Keras model .* cut short"):
     artifacts.load_best_model(str(model_dir))
+
+
+def test_a_csv_that_is_not_utf8_names_its_row(small_copy):
+  path = small_copy / "HAM10000_metadata.csv"
+  lines = path.read_bytes().split(b"\n")
+  lines[6] = lines[6].replace(b"back", "b\u00e4ck".encode("latin-1"), 1) if b"back" in lines[6] else lines[6] + b"\xe4"
+  path.write_bytes(b"\n".join(lines))
+  with pytest.raises(sources.SourceError, match=rf"{path} row 7: not UTF-8 text .* re-save the file as UTF-8"):
+    sources.open_source(str(small_copy))
+
+
+def test_an_id_with_stray_spaces_is_shown_quoted_and_a_half_extracted_download_is_named(small_copy):
+  path = small_copy / "HAM10000_metadata.csv"
+  table = pd.read_csv(path, dtype=str)
+  first = table.at[0, "image_id"]
+  table.at[0, "image_id"] = first + " "
+  table.to_csv(path, index=False)
+  with pytest.raises(sources.SourceError, match=rf"row 2: image '{first} ' not found"):
+    sources.open_source(str(small_copy))
+  table.at[0, "image_id"] = first
+  table.to_csv(path, index=False)
+  shutil.make_archive(str(small_copy / "HAM10000_images_part_2"), "zip", small_copy, "HAM10000_images_part_2")
+  shutil.rmtree(small_copy / "HAM10000_images_part_2")
+  with pytest.raises(sources.SourceError, match=r"HAM10000_images_part_2.zip is still zipped beside extracted images"):
+    sources.open_source(str(small_copy))
+
+
+def test_predict_reads_bmp_and_names_an_empty_folder(tmp_path, monkeypatch):
+  from PIL import Image
+  from job import predict
+  from tfrecords import features
+  Image.fromarray(np.full((45, 60, 3), 120, np.uint8)).save(tmp_path / "lesion.bmp")
+  image = features.decode_and_resize(open(tmp_path / "lesion.bmp", "rb").read(), 32, any_format=True)
+  assert image.shape == (32, 32, 3) and int(image.numpy().mean()) == 120
+  assert predict.expand_paths([str(tmp_path)]) == [str(tmp_path / "lesion.bmp")]
+  assert predict.expand_paths([str(tmp_path / "*.jpg")]) == []  # main() then names the glob
+
+
+def test_a_rerun_removes_what_a_killed_write_left(tmp_path):
+  from tfrecords import fileio
+  (tmp_path / ".best_model.keras.tmp-abc123.keras").write_text("half")
+  (tmp_path / "history.csv").write_text("kept")
+  assert [os.path.basename(p) for p in fileio.remove_temporaries(str(tmp_path))] == [".best_model.keras.tmp-abc123.keras"]
+  assert sorted(os.listdir(tmp_path)) == ["history.csv"]
+
+
+def test_another_data_dir_is_named_by_its_folders(tmp_path):
+  from job import run_state
+  from tfrecords import fileio
+  earlier = config_lib.TrainConfig(data_dir="/data/shards-a", model_dir=str(tmp_path / "run"))
+  fileio.write_json(str(tmp_path / "run" / "checkpoints" / "stage1.json"),
+                    {"fingerprint": run_state.fingerprint(earlier, "sha-a", 1)})
+  fileio.write_json(str(tmp_path / "run" / "run_config.json"), {"flags": {"data_dir": "/data/shards-a"}})
+  later = config_lib.TrainConfig(data_dir="/data/shards-b", model_dir=str(tmp_path / "run"))
+  with pytest.raises(cli.UserError, match=r"the shards: --data_dir=/data/shards-a → /data/shards-b"):
+    run_state.check(later, "sha-b", overwrite=False, chief=True)

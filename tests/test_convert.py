@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -355,6 +356,22 @@ def test_killed_conversion_leaves_no_manifest_and_rerun_finishes(synthetic_dir, 
   clean = json.load(open(os.path.join(shards_dir, "manifest.json")))
   assert resumed["splits"] == clean["splits"]  # same shards, byte for byte
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_converters_workers_with_it(synthetic_dir, tmp_path):
+  out = tmp_path / "stopped"
+  process = subprocess.Popen([sys.executable, "-m", "tfrecords.convert", f"--source={synthetic_dir}",
+                              f"--output_dir={out}", "--workers=2", "--num_train_shards=32", "--image_size=128"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_until(lambda: out.exists() and any(f.endswith(".tfrecord") for f in os.listdir(out)), process,
+             "a first shard", timeout=120)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=60) == 128 + signal.SIGTERM
+  written = sorted(f for f in os.listdir(out) if f.endswith(".tfrecord"))
+  time.sleep(3)  # orphaned workers would go on writing shards
+  assert sorted(f for f in os.listdir(out) if f.endswith(".tfrecord")) == written
+  assert len(written) < 40 and not (out / "manifest.json").exists()
 
 
 def test_a_lesion_with_two_diagnoses_is_named_with_its_rows(small_copy):

@@ -171,3 +171,13 @@ def test_training_curves_mark_each_epoch_and_tick_whole_epochs(monkeypatch):
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
     curves = [line for line in ax.get_lines() if line.get_label() in ("train", "validation")]
     assert len(curves) == 2 and all(line.get_marker() == "o" for line in curves)
+
+
+def test_a_class_absent_from_the_split_is_skipped_by_every_macro_figure():
+  labels = np.array([0, 0, 1, 1, 5, 5])  # no bkl, df, mel or vasc in this split
+  predictions = np.array([0, 1, 1, 1, 5, 2])
+  probabilities = np.eye(7)[predictions] * 0.9 + 0.1 / 7
+  figures = metrics.headline(labels, probabilities)
+  present = [0, 1, 5]
+  assert figures["macro_f1"] == pytest.approx(skm.f1_score(labels, predictions, labels=present, average="macro"))
+  assert figures["balanced_accuracy"] == pytest.approx(np.mean([0.5, 1.0, 0.5]))

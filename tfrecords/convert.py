@@ -24,6 +24,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
+import signal
+import sys
 import time
 import zipfile
 
@@ -143,7 +146,7 @@ def write_shard(task: ShardTask) -> dict:
         except (tf.errors.InvalidArgumentError, OSError, KeyError, zipfile.BadZipFile, ImageTooLarge) as e:
           if not task.skip_bad_images:
             raise ConversionError(f"image {row['image_id']} ({ref}) cannot be decoded: "
-                                  f"{str(e).splitlines()[-1][:200]}. Replace it, or rerun with "
+                                  f"{_plain(str(e))}. Replace it, or rerun with "
                                   "--skip_bad_images to leave it out.") from None
           skipped.append({"image_id": row["image_id"], "path": str(ref)})
           continue
@@ -154,6 +157,13 @@ def write_shard(task: ShardTask) -> dict:
     sha256 = fileio.sha256_of(tmp)
   return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
           "sha256": sha256, "skipped": skipped, "image_ids": image_ids, "lesion_ids": lesion_ids}
+
+
+def _plain(message: str) -> str:
+  """An error's last line without TensorFlow's internals ({{function_node …}}, [Op:…])."""
+  line = message.strip().splitlines()[-1] if message.strip() else ""
+  line = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", line)
+  return line[:200]
 
 
 @contextlib.contextmanager
@@ -477,8 +487,16 @@ def validate(settings: Settings):
     raise cli.UserError(f"--seed={settings.seed} must not be negative")
 
 
+def _stop_on_sigterm(signum, frame):
+  del signum, frame
+  # Out through the `with Pool` block, which terminates the worker processes (the default
+  # action would end this process alone, and its workers would go on writing shards).
+  sys.exit(128 + signal.SIGTERM)
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
   settings = settings_from_flags()
   for flag in ("num_train_shards", "num_eval_shards", "workers"):
     if FLAGS[flag].value < 1:

@@ -40,11 +40,15 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def decode_and_resize(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+def decode_and_resize(jpeg: tf.Tensor, image_size: int, any_format: bool = False) -> tf.Tensor:
   """JPEG → uint8 image_size×image_size, resized with the seed inference's bilinear
   `tf.image.resize`. The converter stores images this way and the job reads them
-  this way; an image already at that size is returned as decoded."""
-  image = tf.io.decode_jpeg(jpeg, channels=3)
+  this way; an image already at that size is returned as decoded. `any_format`: BMP too
+  (tf.io.decode_jpeg reads JPEG, PNG and GIF; decode_image also BMP), for job.predict."""
+  if any_format:
+    image = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
+  else:
+    image = tf.io.decode_jpeg(jpeg, channels=3)
 
   def resize():
     resized = tf.image.resize(image, (image_size, image_size))

@@ -102,6 +102,17 @@ def local_copy_then_upload(path: str, suffix: str = ""):
       os.remove(tmp)
 
 
+def remove_temporaries(folder: str) -> list[str]:
+  """Removes what local_copy_then_upload leaves when its process is killed mid-write
+  (`.NAME.tmp-*`, local folders only: elsewhere the temporary file is local)."""
+  if not is_local(folder) or not os.path.isdir(folder):
+    return []
+  left = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(".") and ".tmp-" in n]
+  for path in left:
+    os.remove(path)
+  return left
+
+
 def write_atomic(path: str, data: bytes | str):
   mode = "wb" if isinstance(data, bytes) else "w"
   with local_copy_then_upload(path) as tmp:

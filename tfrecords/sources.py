@@ -294,8 +294,13 @@ def _open_folder(folder: str, description: str, external: bool = False) -> Sourc
   missing = [i for i in metadata["image_id"] if i not in jpegs]
   if missing:
     row = metadata.index[metadata["image_id"] == missing[0]][0]
-    raise SourceError(f"{table} row {row + 2}: image {missing[0]} not found under "
-                      f"{folder} ({len(missing)} images missing in all)")
+    shown = repr(missing[0]) if missing[0] != missing[0].strip() else missing[0]  # stray spaces, visible
+    names = {name for name, _ in entries}
+    zipped = [z for z in IMAGE_ZIPS if z in names and not any(ref.member is not None for _, ref in entries)]
+    hint = (f"; {', '.join(zipped)} is still zipped beside extracted images (a download half extracted): "
+            "extract it too" if zipped else "")
+    raise SourceError(f"{table} row {row + 2}: image {shown} not found under "
+                      f"{folder} ({len(missing)} images missing in all){hint}")
   images = {i: jpegs[i] for i in metadata["image_id"]}
   return Source(description, metadata, images, str(table), layout)
 
@@ -343,9 +348,16 @@ def _isic_part(tables: dict, description: str, external: bool) -> str | None:
 
 
 def _read_csv(ref: ImageRef, dtype: dict) -> pd.DataFrame:
+  data = read_bytes(ref)
   try:
-    return pd.read_csv(io.BytesIO(read_bytes(ref)), dtype=dtype)
-  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    row = data[:e.start].count(b"\n") + 1  # the file's line, 1 = header
+    raise SourceError(f"{ref} row {row}: not UTF-8 text (byte {data[e.start]:#04x}); re-save the file as "
+                      "UTF-8") from None
+  try:
+    return pd.read_csv(io.BytesIO(data), dtype=dtype)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
     raise SourceError(f"{ref}: not a readable CSV ({e})") from e
 
 
