@@ -23,10 +23,11 @@ import tensorflow as tf
 from absl import logging
 from sklearn.utils.class_weight import compute_class_weight
 
+from job import config as config_lib
 from tfrecords import features
 from tfrecords.manifest import SplitInfo
 
-CACHE_MODES = ("auto", "memory", "disk", "none")
+CACHE_MODES = config_lib.CACHE_MODES
 MEMORY_SHARE = 0.5  # auto: cache in memory only what fits in half the memory available
 
 # What predictions.csv carries beside each prediction, for audit and subgroup metrics.

@@ -12,9 +12,9 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from job import keras_compat
+from job import config as config_lib, keras_compat
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+STRATEGIES = config_lib.STRATEGIES
 
 
 def cluster_size_from_tf_config() -> int:

@@ -15,11 +15,11 @@ compiles under XLA whole):
 import keras
 import tensorflow as tf
 
-from job import augment as augment_lib
+from job import augment as augment_lib, config as config_lib
 from tfrecords import cli, fileio
 
 BACKBONE_NAME = "resnet50"
-BACKBONE_LAYERS = 175  # keras.applications.ResNet50 without its top, input layer included
+BACKBONE_LAYERS = config_lib.BACKBONE_LAYERS
 
 
 def preprocess(images):

@@ -14,7 +14,7 @@ import math
 
 import keras
 
-LR_SCALING = ("sqrt", "linear", "none")
+from job.config import LR_SCALING  # the choices, defined with the flags
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, base_batch_size: int,

@@ -3,8 +3,7 @@
 import keras
 import tensorflow as tf
 
-MIXED_PRECISION = ("auto", "float16", "bfloat16", "off")
-JIT_COMPILE = ("auto", "on", "off")
+from job.config import JIT_COMPILE, MIXED_PRECISION  # the choices, defined with the flags
 
 
 def policy_name(mode: str, strategy_name: str) -> str:

@@ -168,6 +168,22 @@ def timeout_seconds(value: str) -> int:
   return seconds
 
 
+def check_trainer_flags(passthrough: list[str], preflight: bool = False):
+  """Refuses, before anything is submitted, flags after `--` that job.train (or job.preflight)
+  would refuse: a name it does not define (a typo) or a value outside a flag's choices. The
+  flags come from job/config.py, which loads no TensorFlow."""
+  from job import config as config_lib  # pylint: disable=g-import-not-at-top
+  trainer = flags.FlagValues()
+  config_lib.define_flags(trainer)
+  flags.DEFINE_bool("traceback", False, "", flag_values=trainer)  # tfrecords/cli.py's, every command's
+  if preflight:
+    flags.DEFINE_integer("preflight_steps", 20, "", flag_values=trainer)
+  try:
+    trainer(["job.train", *passthrough])
+  except flags.Error as e:
+    raise cli.UserError(f"after --: {e} (see python -m job.train --help)") from None
+
+
 def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_dir: str, machine_type: str,
                      accelerator_type: str | None, accelerator_count: int, replica_count: int, spot: bool,
                      service_account: str | None, tensorboard: str | None, passthrough: list[str],
@@ -175,6 +191,7 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it).
   preflight: the same job running job.preflight, bounded by PREFLIGHT_TIMEOUT."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
+  check_trainer_flags(passthrough, preflight)
   if replica_count < 1:
     raise cli.UserError(f"--replica_count={replica_count}: at least 1 (it counts the chief)")
   if is_tpu(machine_type, accelerator_type):

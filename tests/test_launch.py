@@ -534,3 +534,15 @@ def test_vertex_preflight_prints_the_report_or_names_the_failed_check(capsys):
   assert json.loads(out) == report and "FAIL data" in err and "train-00003" in err
   with pytest.raises(vertex.cli.UserError, match="wrote no report to gs://b/r/model/preflight.json"):
     vertex.print_preflight_report(None, "gs://b/r")
+
+
+@pytest.mark.parametrize("passthrough, named", [(["--monitor=val_auc"], "--monitor"),
+                                                (["--stage1_epoch=3"], "stage1_epoch"),
+                                                (["--strategy", "gpu"], "--strategy")])
+def test_vertex_refuses_trainer_flags_the_job_would_refuse_before_submitting(passthrough, named):
+  with pytest.raises(vertex.cli.UserError, match=rf"after --: .*{named}"):
+    _custom_job(passthrough=passthrough)
+  _custom_job(passthrough=["--monitor=val_loss", "--stage1_epochs=3", "--noserving", "--traceback"])
+  result = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s", "--model_dir=gs://b/r",
+                      "--", *passthrough, check=False)
+  assert result.returncode == 1 and result.stderr.startswith("error: after --")  # no TensorFlow start-up lines
