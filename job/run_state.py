@@ -269,10 +269,10 @@ class Lease:
                        "expires": time.time() + self.seconds})
 
   def acquire(self) -> "Lease":
-    if fileio.is_local(self.model_dir):  # object stores need no folder
-      os.makedirs(self.model_dir, exist_ok=True)
     self._store = _store(self.path)
     try:
+      if fileio.is_local(self.model_dir):  # object stores need no folder
+        os.makedirs(self.model_dir, exist_ok=True)
       created = self._store.create(self._record())
     except Exception as e:  # pylint: disable=broad-except  (permissions, a missing bucket: any store's)
       raise cli.UserError(f"--model_dir={self.model_dir} is not writable: {str(e).splitlines()[0][:200]}") from e

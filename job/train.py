@@ -301,10 +301,6 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
                                                              cfg.lr_scaling)
                     for stage, lr in ((1, cfg.stage1_lr), (2, cfg.stage2_lr))}
   model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
-  if chief:
-    fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
-                      run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256))
-    artifacts.write_label_map(model_dir, class_names)
 
   train_info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
   val_info = manifest_lib.split_info(cfg.data_dir, manifest, "validation")
@@ -329,6 +325,10 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
                cfg.base_batch_size)
 
   inner, wrapper = build_models(cfg, strategy, len(class_names))
+  if chief:  # once the model is built: a run that fails before (bad --weights, say) leaves no record
+    fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
+                      run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256))
+    artifacts.write_label_map(model_dir, class_names)
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
               weights, learning_rates, manifest_sha256, model_dir, chief)
   try:

@@ -190,3 +190,22 @@ def test_another_data_dir_is_named_by_its_folders(tmp_path):
   later = config_lib.TrainConfig(data_dir="/data/shards-b", model_dir=str(tmp_path / "run"))
   with pytest.raises(cli.UserError, match=r"the shards: --data_dir=/data/shards-a → /data/shards-b"):
     run_state.check(later, "sha-b", overwrite=False, chief=True)
+
+
+def test_folders_to_create_on_a_read_only_filesystem_are_named(tmp_path, monkeypatch, source):
+  import errno
+  from job import run_state
+  real_makedirs = os.makedirs
+
+  def read_only(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path / "ro")):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_makedirs(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "makedirs", read_only)
+  with pytest.raises(cli.UserError, match=rf"--model_dir={tmp_path / 'ro' / 'run'} is not writable: .*Read-only"):
+    run_state.Lease(str(tmp_path / "ro" / "run"), {}).acquire()
+  from tfrecords import fileio
+  monkeypatch.setattr(fileio.tf.io.gfile, "makedirs", read_only)
+  with pytest.raises(cli.UserError, match=rf"--output_dir={tmp_path / 'ro' / 'out'} is not writable: .*Read-only"):
+    convert.convert(source, str(tmp_path / "ro" / "out"), convert.Settings(source="x"), workers=1)

@@ -294,8 +294,7 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
                                       settings.seed)
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
-  fileio.makedirs(output_dir)
-  fileio.check_writable(output_dir, "--output_dir")
+  fileio.check_writable(output_dir, "--output_dir")  # made here if need be
   source_fingerprint, source_images = fingerprint or sources.fingerprint(source)
   state = _existing_state(output_dir, settings, overwrite, source_fingerprint, source_images)
   if state == "finished":

@@ -148,9 +148,11 @@ def copy_to_local(path: str, directory: str | None = None) -> str:
 
 
 def check_writable(folder: str, flag: str):
-  """Stops at once, naming the flag, where `folder` cannot be written to."""
+  """Makes `folder` if needed; stops at once, naming the flag, where it cannot be written to
+  (a read-only filesystem, no permission, a file in the way)."""
   probe = join(folder, ".write_probe")
   try:
+    makedirs(folder)
     write_atomic(probe, "ok")
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
