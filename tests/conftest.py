@@ -1,6 +1,7 @@
 """Shared fixtures: one synthetic dataset and one conversion for the whole session."""
 
 import os
+import shutil
 
 import pytest
 
@@ -24,6 +25,17 @@ def synthetic_dir(tmp_path_factory):
   from tfrecords import synthetic
   root = tmp_path_factory.mktemp("ham10000")
   return synthetic.write_dataset(str(root), num_images=NUM_IMAGES, seed=1, layout="kaggle", workers=2)
+
+
+@pytest.fixture
+def small_copy(synthetic_dir, tmp_path):
+  """A writable copy of the dataset (image folders and CSV only)."""
+  root = tmp_path / "copy"
+  root.mkdir()
+  for name in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    shutil.copytree(os.path.join(synthetic_dir, name), root / name)
+  shutil.copy(os.path.join(synthetic_dir, "HAM10000_metadata.csv"), root)
+  return root
 
 
 @pytest.fixture(scope="session")

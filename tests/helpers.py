@@ -122,3 +122,16 @@ def warnings_and_errors(stderr: str) -> list[str]:
   line_kinds = re.compile(r"^([WEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING|ERROR|\S+\.py:\d+: \w*Warning: )")
   return [line for line in stderr.splitlines()
           if line_kinds.match(line) and not any(known in line for known in TENSORFLOW_STARTUP_LINES)]
+
+
+def copy_with_a_damaged_shard(shards_dir, destination, split: str):
+  """A copy of a conversion with one byte changed in the middle of the first shard of `split`;
+  returns (the copy's folder, the damaged shard)."""
+  import shutil
+  import pathlib
+  shutil.copytree(shards_dir, destination)
+  shard = sorted(pathlib.Path(destination).glob(f"{split}-*.tfrecord"))[0]
+  content = bytearray(shard.read_bytes())
+  content[len(content) // 2] ^= 0xFF
+  shard.write_bytes(bytes(content))
+  return pathlib.Path(destination), shard

@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, copy_with_a_damaged_shard
 from job import accelerators, config as config_lib, preflight
 from launch import vertex
 
@@ -138,12 +137,7 @@ def test_preflight_compiles_and_times_the_real_step(shards_dir, tmp_path, strate
 
 
 def test_preflight_names_a_damaged_shard_and_stops_there(shards_dir, tmp_path):
-  data_dir = tmp_path / "shards"
-  shutil.copytree(shards_dir, data_dir)
-  shard = sorted(data_dir.glob("validation-*.tfrecord"))[0]
-  content = bytearray(shard.read_bytes())
-  content[len(content) // 2] ^= 0xFF
-  shard.write_bytes(bytes(content))
+  data_dir, shard = copy_with_a_damaged_shard(shards_dir, tmp_path / "shards", "validation")
   cfg = config_lib.TrainConfig(data_dir=str(data_dir), model_dir=str(tmp_path / "run"), weights="none",
                                image_size=32, global_batch_size=16, strategy="one_device")
   report = preflight.run_checks(cfg, steps=3)

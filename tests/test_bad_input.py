@@ -10,18 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import copy_with_a_damaged_shard
 from job import artifacts, config as config_lib, evaluate, model as model_lib, train
 from tfrecords import cli, convert, sources, split as split_lib
-
-
-@pytest.fixture
-def small_copy(synthetic_dir, tmp_path):
-  root = tmp_path / "copy"
-  root.mkdir()
-  for name in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
-    shutil.copytree(os.path.join(synthetic_dir, name), root / name)
-  shutil.copy(os.path.join(synthetic_dir, "HAM10000_metadata.csv"), root)
-  return root
 
 
 def test_a_truncated_zip_archive_is_named(small_copy, tmp_path):
@@ -119,12 +110,7 @@ def test_a_model_dir_that_is_a_file_and_an_empty_train_split_are_named(shards_di
 
 @pytest.mark.slow
 def test_evaluation_names_a_damaged_test_shard_and_a_truncated_model(trained_run, shards_dir, tmp_path):
-  data_dir = tmp_path / "shards"
-  shutil.copytree(shards_dir, data_dir)
-  shard = sorted(data_dir.glob("test-*.tfrecord"))[0]
-  content = bytearray(shard.read_bytes())
-  content[len(content) // 2] ^= 0xFF
-  shard.write_bytes(bytes(content))
+  data_dir, shard = copy_with_a_damaged_shard(shards_dir, tmp_path / "shards", "test")
   model_dir = tmp_path / "run"
   shutil.copytree(trained_run[1], model_dir)
   with pytest.raises(cli.UserError, match=rf"{shard} is damaged"):

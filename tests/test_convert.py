@@ -166,17 +166,6 @@ def test_non_local_output_on_ram_filesystem(source):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_copy(synthetic_dir, tmp_path):
-  """A writable copy of the dataset (image folders and CSV only)."""
-  root = tmp_path / "copy"
-  root.mkdir()
-  for name in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
-    shutil.copytree(os.path.join(synthetic_dir, name), root / name)
-  shutil.copy(os.path.join(synthetic_dir, "HAM10000_metadata.csv"), root)
-  return root
-
-
 def _edit_csv(root, edit):
   path = root / "HAM10000_metadata.csv"
   table = pd.read_csv(path)
