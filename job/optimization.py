@@ -44,7 +44,8 @@ class WarmUp(keras.callbacks.Callback):
     self._epoch = epoch
 
   def _lowered_since(self, expected: float):
-    current = float(self.model.optimizer.learning_rate)
+    # As ReduceLROnPlateau reads it: a MirroredVariable under tf.distribute has no float().
+    current = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
     if current < expected * (1 - 1e-6):
       self._scale *= current / expected
 

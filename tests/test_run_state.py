@@ -72,7 +72,7 @@ def _tiny_model(learning_rate):
 
 class _LearningRates(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
-    self.seen = getattr(self, "seen", []) + [float(self.model.optimizer.learning_rate)]
+    self.seen = getattr(self, "seen", []) + [float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))]
 
 
 def test_warm_up_rises_linearly_then_leaves_the_rate_alone():
@@ -100,7 +100,20 @@ class _HalveAfterEpoch(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     if epoch == self.epoch:
-      self.model.optimizer.learning_rate = float(self.model.optimizer.learning_rate) * 0.5
+      self.model.optimizer.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)) * 0.5
+
+
+def test_warm_up_reads_the_rate_under_a_distribution_strategy():
+  """Under tf.distribute the rate is a MirroredVariable, which float() does not take."""
+  import tensorflow as tf
+  with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+    model = _tiny_model(0.1)
+  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
+  rates = _LearningRates()
+  model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False,
+            callbacks=[optimization.WarmUp(0.1, 6, first_epoch=0, steps_per_epoch=4), _HalveAfterEpoch(0), rates])
+  assert rates.seen[:4] == pytest.approx([0.1 * k / 6 for k in range(1, 5)])
+  assert rates.seen[4:] == pytest.approx([0.05 * 5 / 6, 0.05, 0.05, 0.05])
 
 
 def test_warm_up_never_raises_a_rate_that_the_plateau_callback_lowered():

@@ -26,7 +26,7 @@ def test_artifacts_are_written_to_a_non_local_model_dir(trained_run):
   _, run_dir = trained_run
   for name in ("best_model.keras", "label_map.json", "history.csv", "run_config.json", "metrics.json",
                "predictions.csv", "calibration.json", "confusion_matrix.png", "training_curves.png",
-               "reliability_diagram.png", "checkpoints/stage1.json", "checkpoints/stage2.json", "serving/saved_model.pb"):
+               "reliability_diagram.png", "checkpoints/stage1.json", "checkpoints/stage2.json", "serving/1/saved_model.pb"):
     assert os.path.exists(os.path.join(run_dir, name)), name
   assert any("events.out.tfevents" in f for _, _, files in os.walk(os.path.join(run_dir, "logs"))
              for f in files)
