@@ -117,6 +117,10 @@ def test_cloud_logging_routes_warnings_and_errors(monkeypatch):
   monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
   monkeypatch.setattr(logging, "_warnings_showwarning", None)
   out, err = io.StringIO(), io.StringIO()
+  # INFO as a command runs (absl's flags parsed); a training run earlier in this process (the
+  # shared trained_run fixture) leaves absl's logger at another level.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
   logs.use_cloud_logging(out, err)
   try:
     absl_logging.info("one %d", 1)
@@ -126,6 +130,7 @@ def test_cloud_logging_routes_warnings_and_errors(monkeypatch):
     absl_logging.error("broken")
   finally:
     logging.captureWarnings(False)
+    absl_logging.set_verbosity(verbosity)
   records = [json.loads(line) for line in out.getvalue().splitlines()]
   assert [(r["severity"], r["logger"]) for r in records] == [("INFO", "absl"), ("WARNING", "py.warnings")]
   assert records[0]["message"] == "one 1" and "UserWarning: deprecated thing" in records[1]["message"]

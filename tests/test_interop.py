@@ -219,4 +219,4 @@ def test_no_submission_is_written_when_an_image_cannot_be_read(trained_run, isic
   assert result.returncode == 1 and not submission.exists()
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: 1 of 2 files could not be read as images: {folder / 'ISIC_9999999.jpg'}; no submission "
-      "written (one without them is invalid)")
+      f"written to {submission} (one without them is invalid; an older file there, if any, is not this run's)")
