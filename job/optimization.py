@@ -54,7 +54,7 @@ class WarmUp(keras.callbacks.Callback):
     if self._last is not None:
       self._lowered_since(self._last)
     elif 0 < step <= self.steps:  # resumed: what the warm-up would have set last
-      self._lowered_since(self.target * min(step, self.steps) / self.steps)
+      self._lowered_since(self.target * step / self.steps)
     if step < self.steps:
       self._set(self._scale * self.target * (step + 1) / self.steps)
       self._warming = True

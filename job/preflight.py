@@ -89,7 +89,7 @@ class CheckFailed(Exception):
 
 def check_devices(report: Report) -> str:
   devices = [f"{d.device_type}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
-  gpus = accelerators.visible_gpus() if tf.config.list_physical_devices("GPU") else []
+  gpus = accelerators.visible_gpus()
   report.figures["devices"] = devices + [f"GPU name: {name}" for name in gpus]
   return f"{accelerators.build_versions()}; devices: {', '.join(devices)}" + (
       f" ({', '.join(gpus)})" if gpus else "")
@@ -111,7 +111,7 @@ def check_strategy(cfg: config_lib.TrainConfig, report: Report):
 def check_data(cfg: config_lib.TrainConfig) -> dict:
   manifest = train.preflight(cfg)  # the manifest, every split there, the shard checksums
   shapes = {}
-  for split in ("train", "validation") + (("test",) if cfg.evaluate else ()):
+  for split in train.splits_read(cfg):
     info = manifest_lib.split_info(cfg.data_dir, manifest, split)
     images, _, _ = next(iter(data.prediction_dataset(info, cfg.image_size, cfg.global_batch_size)))
     shapes[split] = list(images.shape)
@@ -126,16 +126,7 @@ def check_storage(cfg: config_lib.TrainConfig) -> str:
              "--tensorboard_dir": cfg.logs_dir}
   for flag, folder in folders.items():
     made = fileio.is_local(folder) and not tf.io.gfile.exists(folder)
-    probe = fileio.join(folder, ".preflight_probe")
-    try:
-      fileio.write_atomic(probe, "probe")
-      with tf.io.gfile.GFile(probe) as f:
-        read_back = f.read()
-      tf.io.gfile.remove(probe)
-    except (tf.errors.OpError, OSError) as e:
-      raise cli.UserError(f"{flag}={folder} is not writable: {str(e).splitlines()[0][:200]}") from e
-    if read_back != "probe":
-      raise cli.UserError(f"{flag}={folder}: a probe object read back differs from what was written")
+    fileio.check_writable(folder, flag)
     if made and folder != cfg.model_dir and not tf.io.gfile.listdir(folder):
       tf.io.gfile.rmtree(folder)
   return ", ".join(sorted(set(folders.values())))

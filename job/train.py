@@ -224,18 +224,20 @@ def epoch_steps(num_train: int, global_batch_size: int, steps_per_execution: int
   return rounded, per_execution
 
 
+def splits_read(cfg: config_lib.TrainConfig) -> tuple[str, ...]:
+  """The splits a run reads: the test split only when it evaluates at the end."""
+  return ("train", "validation") + (("test",) if cfg.evaluate else ())
+
+
 def preflight(cfg: config_lib.TrainConfig) -> dict:
   """Fails in seconds, not after an hour of training, when data or model_dir is unusable."""
   if tf.io.gfile.exists(cfg.model_dir) and not tf.io.gfile.isdir(cfg.model_dir):
     raise cli.UserError(f"--model_dir={cfg.model_dir} is a file, not a folder")
   manifest = manifest_lib.read(cfg.data_dir)
-  splits = ("train", "validation") + (("test",) if cfg.evaluate else ())
-  for split in splits:
-    manifest_lib.split_info(cfg.data_dir, manifest, split)  # names a missing split
-  manifest_lib.check_shards(cfg.data_dir, manifest, splits, checksums=cfg.verify_shards)
-  for split in splits:
-    if not manifest["splits"][split]["num_examples"]:
+  for split in splits_read(cfg):
+    if not manifest_lib.split_info(cfg.data_dir, manifest, split).num_examples:  # names a missing split too
       raise cli.UserError(f"--data_dir={cfg.data_dir}: the {split} split holds no images")
+  manifest_lib.check_shards(cfg.data_dir, manifest, splits_read(cfg), checksums=cfg.verify_shards)
   return manifest
 
 

@@ -91,6 +91,15 @@ def test_warm_up_rises_linearly_then_leaves_the_rate_alone():
   assert rates.seen == pytest.approx([0.05] * 8)
 
 
+def _rates_seen(model, epochs, callbacks, initial_epoch=0) -> "_LearningRates":
+  """Fits `model` on 16 rows in batches of 4 (4 steps an epoch), recording the rate of each step."""
+  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
+  rates = _LearningRates()
+  model.fit(x, y, batch_size=4, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+            callbacks=[*callbacks, rates])
+  return rates
+
+
 class _HalveAfterEpoch(keras.callbacks.Callback):
   """ReduceLROnPlateau's act (factor 0.5) at the end of one epoch."""
 
@@ -108,29 +117,22 @@ def test_warm_up_reads_the_rate_under_a_distribution_strategy():
   import tensorflow as tf
   with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
     model = _tiny_model(0.1)
-  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
-  rates = _LearningRates()
-  model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False,
-            callbacks=[optimization.WarmUp(0.1, 6, first_epoch=0, steps_per_epoch=4), _HalveAfterEpoch(0), rates])
+  rates = _rates_seen(model, epochs=2, callbacks=[optimization.WarmUp(0.1, 6, first_epoch=0, steps_per_epoch=4),
+                                                  _HalveAfterEpoch(0)])
   assert rates.seen[:4] == pytest.approx([0.1 * k / 6 for k in range(1, 5)])
   assert rates.seen[4:] == pytest.approx([0.05 * 5 / 6, 0.05, 0.05, 0.05])
 
 
 def test_warm_up_never_raises_a_rate_that_the_plateau_callback_lowered():
   """A warm-up of 3.5 epochs (14 steps of 4 an epoch) with the rate halved after epoch 1."""
-  model = _tiny_model(0.1)
-  x, y = np.zeros((16, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(16) % 2]
-  rates = _LearningRates()
-  model.fit(x, y, batch_size=4, epochs=5, verbose=0, shuffle=False,
-            callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4), _HalveAfterEpoch(1), rates])
+  rates = _rates_seen(_tiny_model(0.1), epochs=5,
+                      callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4), _HalveAfterEpoch(1)])
   assert rates.seen[:8] == pytest.approx([0.1 * k / 14 for k in range(1, 9)])
   assert rates.seen[8:14] == pytest.approx([0.05 * k / 14 for k in range(9, 15)])  # half of the warm-up
   assert rates.seen[14:] == pytest.approx([0.05] * 6)  # not back up to 0.1
   # Resumed at epoch 3 from a backup that held the lowered rate (0.05 · 12/14 at step 12).
-  resumed = _tiny_model(0.05 * 12 / 14)
-  rates.seen = []
-  resumed.fit(x, y, batch_size=4, epochs=5, initial_epoch=3, verbose=0, shuffle=False,
-              callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4), rates])
+  rates = _rates_seen(_tiny_model(0.05 * 12 / 14), epochs=5, initial_epoch=3,
+                      callbacks=[optimization.WarmUp(0.1, 14, first_epoch=0, steps_per_epoch=4)])
   assert rates.seen == pytest.approx([0.05 * 13 / 14, 0.05 * 14 / 14, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
 
 

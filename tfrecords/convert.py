@@ -355,8 +355,8 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
       bar.close()
 
   check_written(done)
-  check_nothing_emptied(source, settings, split, done)
   manifest = _manifest(source, settings, split, done, source_fingerprint)
+  check_nothing_emptied(source, settings, split, manifest)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
   if not output_dir.startswith("ram://"):  # TFDS reads local and gs:// folders, not TensorFlow's ram://
     tfds_metadata.write(output_dir, manifest, features.CLASS_NAMES)
@@ -406,21 +406,20 @@ def check_written(done: dict):
                               f"splits ({name} among its shards)")
 
 
-def check_nothing_emptied(source, settings, split, done: dict):
+def check_nothing_emptied(source, settings, split, manifest: dict):
   """Skipped images (--skip_bad_images) may not empty the conversion, nor take every image of a
   class out of a split that was planned with it: the split promises every class in every split
-  (an --external set, which is not split, may lack a class, but not be empty)."""
-  written = sum(stats["num_examples"] for stats in done.values())
-  if not written:
+  (an --external set, which is not split, may lack a class, but not be empty). Checked on the
+  manifest before it is written."""
+  if not manifest["num_examples"]:
     raise ConversionError(f"no image of {source.description} could be converted ({len(source.metadata)} "
                           "skipped as unreadable): nothing was finished; see the skipped images' errors above")
   if settings.external:
     return
   for name in split_names(settings):
     planned = source.metadata["dx"][split == name].value_counts()
-    shards = [stats for stats in done.values() if stats["name"].startswith(name + "-")]
     for dx, count in planned.items():
-      if not sum(stats["class_counts"][dx] for stats in shards):
+      if not manifest["splits"][name]["class_counts"][dx]:
         raise ConversionError(f"every {dx} image of the {name} split ({count}) was skipped as unreadable: "
                               f"the split would have no {dx}; fix or replace those images (the converter "
                               "logged each), then rerun")

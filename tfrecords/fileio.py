@@ -148,15 +148,20 @@ def copy_to_local(path: str, directory: str | None = None) -> str:
 
 
 def check_writable(folder: str, flag: str):
-  """Makes `folder` if needed; stops at once, naming the flag, where it cannot be written to
-  (a read-only filesystem, no permission, a file in the way)."""
+  """Makes `folder` if needed; stops at once, naming the flag, where a probe object cannot be
+  written there, read back as written, and deleted (a read-only filesystem, no permission, a
+  file in the way)."""
   probe = join(folder, ".write_probe")
   try:
     makedirs(folder)
     write_atomic(probe, "ok")
+    with tf.io.gfile.GFile(probe) as f:
+      read_back = f.read()
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
     raise cli.UserError(f"{flag}={folder} is not writable: {str(e).splitlines()[0][:200]}") from e
+  if read_back != "ok":
+    raise cli.UserError(f"{flag}={folder}: a probe object read back differs from what was written")
 
 
 def remove_if_exists(path: str):
