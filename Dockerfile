@@ -5,8 +5,11 @@
 #
 # GPU: Python 3.11 with this package and its `gpu` extra, tensorflow[and-cuda] at setup.py's
 # pin: pip's NVIDIA wheels bring the CUDA runtime, cuDNN, cuBLAS, NCCL and nvcc's ptxas and
-# libdevice (for XLA), the versions TensorFlow was built against, and TensorFlow finds them in
-# site-packages/nvidia/*/lib itself. Only the driver comes from the host. Not TensorFlow's own
+# libdevice (for XLA), the versions TensorFlow was built against, in site-packages/nvidia/*/lib.
+# TensorFlow finds most of them there itself; the two it does not (cuSOLVER, and cuDNN's nvrtc)
+# are opened by `import job` before TensorFlow loads (job/gpu_startup.py), so the image needs no
+# LD_LIBRARY_PATH of its own. Only the driver comes from the host (tests/test_gpu_startup.py
+# starts this image's packages under a stand-in driver placed where the ENV below says). Not TensorFlow's own
 # tensorflow/tensorflow:*-gpu image: since 2.18 it carries a system cuDNN 8 that TensorFlow
 # >= 2.18 (built against cuDNN 9) cannot load, so TensorFlow registers no GPU and trains on the
 # CPU (tensorflow/tensorflow#62412, #94593; tensorflow/build#217). Versions are pinned in

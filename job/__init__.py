@@ -21,3 +21,8 @@ stores through tfrecords.fileio; tfrecords/ imports nothing from here.
 """
 
 import tfrecords  # noqa: F401  pylint: disable=unused-import  (TensorFlow's C++ log level, before TensorFlow loads)
+from job import gpu_startup  # noqa: E402
+
+# The CUDA libraries TensorFlow's GPU build cannot find by itself in pip's wheels, opened before
+# TensorFlow loads (job/gpu_startup.py says which and why).
+gpu_startup.preload()

@@ -9,20 +9,18 @@ launch.multi_gpu counts a VM's GPUs without TensorFlow; `job.train
 sees, before any data is read: a job billed for GPUs never trains on the CPU in silence.
 
 TensorFlow's own "Cannot dlopen some GPU libraries" is a C++ log line that Python cannot
-see, so `diagnose` asks the driver and the libraries itself, with ctypes, in the order
-TensorFlow loads them. This module imports no TensorFlow at module level (the launchers
-use the table).
+see, and a missing cuDNN sub-library aborts the process: the guard first has TensorFlow
+start in a child process (job/gpu_startup.py), and only then in the job's. This module
+imports no TensorFlow at module level (the launchers use the table).
 """
 
-import ctypes
 import dataclasses
-import glob
-import importlib.util
 import os
 import re
 
 from absl import logging
 
+from job import gpu_startup
 from tfrecords import cli
 
 EXPECTED_ACCELERATOR_ENV = "EXPECTED_ACCELERATOR"
@@ -195,60 +193,6 @@ def count_gpus_without_tensorflow() -> int:
 
 # --- The guard ---------------------------------------------------------------------------------
 
-CUDA_ERRORS = {
-    2: "CUDA_ERROR_OUT_OF_MEMORY",
-    3: "CUDA_ERROR_NOT_INITIALIZED",
-    35: "CUDA_ERROR_INSUFFICIENT_DRIVER: the NVIDIA driver is older than this CUDA needs",
-    46: "CUDA_ERROR_DEVICES_UNAVAILABLE: the GPUs are busy or in exclusive use by another process",
-    100: "CUDA_ERROR_NO_DEVICE: the driver sees no GPU (check NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES)",
-    101: "CUDA_ERROR_INVALID_DEVICE",
-    303: "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED",
-    803: "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: the driver's library and kernel module are of different versions",
-    804: "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
-    999: "CUDA_ERROR_UNKNOWN",
-}
-# The libraries TensorFlow's GPU build opens, in its order; pip's NVIDIA wheels put them in
-# site-packages/nvidia/<package>/lib, which TensorFlow searches ($ORIGIN/../nvidia/*/lib).
-GPU_LIBRARIES = ("libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12", "libcufft.so.11",
-                 "libcusolver.so.11", "libcusparse.so.12", "libcudnn.so.9", "libnccl.so.2")
-
-
-def _nvidia_library_dirs() -> list[str]:
-  spec = importlib.util.find_spec("nvidia")
-  roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-  return sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "lib")))
-
-
-def diagnose(load=ctypes.CDLL) -> str:
-  """Why the GPU libraries did not load, or that they do: the driver first (libcuda.so.1,
-  cuInit, its CUDA version), then each library from the nvidia/*/lib folders."""
-  try:
-    cuda = load("libcuda.so.1")
-  except OSError as e:
-    return (f"libcuda.so.1 cannot be loaded ({e}): no NVIDIA driver in this environment (a container "
-            "needs the host's driver mounted: Vertex AI does it for GPU machines, Docker needs --gpus all "
-            "with NVIDIA's container toolkit)")
-  status = cuda.cuInit(0)
-  if status:
-    return f"the NVIDIA driver failed to start: cuInit returned {status} ({CUDA_ERRORS.get(status, 'see cuda.h')})"
-  version = ctypes.c_int(0)
-  cuda.cuDriverGetVersion(ctypes.byref(version))
-  driver = f"{version.value // 1000}.{version.value % 1000 // 10}"
-  count = ctypes.c_int(0)
-  cuda.cuDeviceGetCount(ctypes.byref(count))
-  folders = _nvidia_library_dirs()
-  for name in GPU_LIBRARIES:
-    paths = [os.path.join(d, name) for d in folders if os.path.exists(os.path.join(d, name))]
-    if not paths:
-      return (f"the driver (CUDA {driver}) sees {count.value} GPU(s), but {name} is not installed: install "
-              "the package with its gpu extra (pip install '.[gpu]'), which brings pip's NVIDIA libraries")
-    try:
-      load(paths[0])
-    except OSError as e:
-      return f"the driver (CUDA {driver}) sees {count.value} GPU(s), but {paths[0]} failed to load: {e}"
-  return f"the driver (CUDA {driver}) sees {count.value} GPU(s) and every GPU library loads"
-
-
 def build_versions() -> str:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   info = tf.sysconfig.get_build_info()
@@ -266,17 +210,28 @@ def visible_gpus() -> list[str]:
 
 
 def guard(expected: Expected | None):
-  """Stops the job, in one line, when TensorFlow does not see the GPUs it was given. TPUs are
-  checked where the TPU strategy is made (it stops when none answers)."""
+  """Stops the job, in one line, when TensorFlow does not see the GPUs it was given, or cannot
+  find a library it will need once training starts. TPUs are checked where the TPU strategy is
+  made (it stops when none answers)."""
   if expected is None or expected.is_tpu:
     return
-  names = visible_gpus()
   gpu = GPUS.get(expected.accelerator)
-  wrong_model = [n for n in names if gpu and not gpu.matches(n)]
-  if len(names) == expected.count and not wrong_model:
+
+  def as_given(names: list[str] | None) -> bool:
+    return names is not None and len(names) == expected.count and not [n for n in names if gpu and not gpu.matches(n)]
+
+  # A fresh process first: what aborts there (a missing cuDNN sub-library) cannot abort the job.
+  started = gpu_startup.start_in_a_fresh_process()
+  names = visible_gpus() if as_given(started.gpus) else started.gpus or []
+  what = f"{expected.count} × {expected.accelerator}"
+  if as_given(names):
+    from job import distribute_utils  # pylint: disable=g-import-not-at-top  (it loads TensorFlow)
+    several = expected.count > 1 or distribute_utils.cluster_size_from_tf_config() > 1
+    missing = gpu_startup.missing_for(several)
+    if missing:
+      raise cli.UserError(f"accelerator check: TensorFlow sees {what}, but {missing}. Nothing was read or written.")
     logging.info("accelerator check: %d GPU(s) as expected (%s)", len(names), ", ".join(names))
     return
-  what = f"{expected.count} × {expected.accelerator}"
   seen = f"{len(names)} GPU(s)" + (f" ({', '.join(names)})" if names else "")
   raise cli.UserError(f"accelerator check: expected {what} ({expected.source}), TensorFlow sees {seen}; "
-                      f"{build_versions()}; {diagnose()}. Nothing was read or written.")
+                      f"{build_versions()}; {gpu_startup.diagnose(started)}. Nothing was read or written.")

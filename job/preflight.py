@@ -32,8 +32,8 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from job import accelerators, artifacts, config as config_lib, data, distribute_utils, model as model_lib
-from job import run_state, train
+from job import accelerators, artifacts, config as config_lib, data, distribute_utils, gpu_startup
+from job import model as model_lib, run_state, train
 from tfrecords import cli, fileio, manifest as manifest_lib
 
 FLAGS = flags.FLAGS
@@ -88,6 +88,10 @@ class CheckFailed(Exception):
 
 
 def check_devices(report: Report) -> str:
+  if gpu_startup.nvidia_roots():  # a GPU install: what would abort this process shows in a child first
+    started = gpu_startup.start_in_a_fresh_process()
+    if started.gpus is None:
+      raise RuntimeError(f"TensorFlow's GPU start-up failed: {gpu_startup.diagnose(started)}")
   devices = [f"{d.device_type}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
   gpus = accelerators.visible_gpus()
   report.figures["devices"] = devices + [f"GPU name: {name}" for name in gpus]

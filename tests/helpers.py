@@ -135,3 +135,16 @@ def copy_with_a_damaged_shard(shards_dir, destination, split: str):
   content[len(content) // 2] ^= 0xFF
   shard.write_bytes(bytes(content))
   return pathlib.Path(destination), shard
+
+
+def container_command_for(machine_type: str, python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+  """What Vertex AI would run for a job the launcher built: the image's entrypoint (run by
+  `python`), the container's args, and its environment."""
+  from launch import vertex
+  job = vertex.rest_json(vertex.build_custom_job(
+      display_name="x", image_uri="x", data_dir="gs://no-such-bucket/shards", model_dir="gs://b/r",
+      machine_type=machine_type, accelerator_type=None, accelerator_count=0, replica_count=1, spot=False,
+      service_account=None, tensorboard=None, passthrough=["--stage1_epochs=1"]))
+  container = job["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+  env = {e["name"]: e["value"] for e in container.get("env", [])}
+  return [python, "-m", "job.train", *container["args"]], env

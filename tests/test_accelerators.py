@@ -8,21 +8,8 @@ import time
 
 import pytest
 
-from helpers import REPO, copy_with_a_damaged_shard
-from job import accelerators, config as config_lib, preflight
-from launch import vertex
-
-
-def container_command_for(machine_type: str) -> tuple[list[str], dict[str, str]]:
-  """What Vertex AI would run for a job the launcher built: the image's entrypoint, the
-  container's args, and its environment."""
-  job = vertex.rest_json(vertex.build_custom_job(
-      display_name="x", image_uri="x", data_dir="gs://no-such-bucket/shards", model_dir="gs://b/r",
-      machine_type=machine_type, accelerator_type=None, accelerator_count=0, replica_count=1, spot=False,
-      service_account=None, tensorboard=None, passthrough=["--stage1_epochs=1"]))
-  container = job["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
-  env = {e["name"]: e["value"] for e in container.get("env", [])}
-  return [sys.executable, "-m", "job.train", *container["args"]], env
+from helpers import REPO, container_command_for, copy_with_a_damaged_shard
+from job import accelerators, config as config_lib, gpu_startup, preflight
 
 
 def test_a_one_l4_job_on_a_machine_without_a_gpu_stops_at_once_saying_why():
@@ -73,37 +60,70 @@ class FakeDriver:
     return 0
 
 
-def loader(driver, failing=()):
+class NotADriver:
+  """A libcuda.so.1 without the driver API (ctypes raises AttributeError for a missing symbol)."""
+
+  def __getattr__(self, name):
+    raise AttributeError(f"stub.so: undefined symbol: {name}")
+
+
+def loader(driver):
   def load(name):
-    if name == "libcuda.so.1":
-      return driver
-    if os.path.basename(name) in failing:
-      raise OSError(f"{name}: undefined symbol: cudnnGetLibConfig")
-    return object()
+    if isinstance(driver, OSError):
+      raise driver
+    return driver
   return load
 
 
-def test_the_diagnosis_names_the_driver_error_or_the_first_library_that_fails(tmp_path, monkeypatch):
-  assert "CUDA_ERROR_NO_DEVICE" in accelerators.diagnose(loader(FakeDriver(status=100)))
-  assert "CUDA_ERROR_INSUFFICIENT_DRIVER" in accelerators.diagnose(loader(FakeDriver(status=35)))
-  # pip's NVIDIA wheels, laid out as site-packages/nvidia/<package>/lib, with cuDNN missing.
-  libraries = {"cuda_runtime": "libcudart.so.12", "cublas": "libcublasLt.so.12 libcublas.so.12",
-               "cufft": "libcufft.so.11", "cusolver": "libcusolver.so.11", "cusparse": "libcusparse.so.12",
-               "nccl": "libnccl.so.2"}
-  for package, names in libraries.items():
-    (tmp_path / "nvidia" / package / "lib").mkdir(parents=True)
-    for name in names.split():
-      (tmp_path / "nvidia" / package / "lib" / name).touch()
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.delitem(sys.modules, "nvidia", raising=False)
-  said = accelerators.diagnose(loader(FakeDriver()))
-  assert "the driver (CUDA 12.4) sees 1 GPU(s), but libcudnn.so.9 is not installed" in said
-  assert "pip install '.[gpu]'" in said
-  (tmp_path / "nvidia" / "cudnn" / "lib").mkdir(parents=True)
-  (tmp_path / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9").touch()
-  said = accelerators.diagnose(loader(FakeDriver(), failing={"libcudnn.so.9"}))
-  assert "nvidia/cudnn/lib/libcudnn.so.9 failed to load: " in said and "undefined symbol" in said
-  assert "every GPU library loads" in accelerators.diagnose(loader(FakeDriver()))
+def started(log="", gpus=None, returncode=0):
+  return gpu_startup.StartUp(gpus, returncode, log)
+
+
+@pytest.mark.parametrize("status, named", [(100, "CUDA_ERROR_NO_DEVICE"), (34, "CUDA_ERROR_STUB_LIBRARY"),
+                                           (46, "CUDA_ERROR_DEVICE_UNAVAILABLE"), (802, "fabric manager"),
+                                           (12345, "see cuda.h")])
+def test_the_diagnosis_names_the_drivers_error(status, named):
+  said = gpu_startup.diagnose(started(), loader(FakeDriver(status=status)))
+  assert said.startswith(f"the NVIDIA driver failed to start: cuInit returned {status} (") and named in said
+  assert 35 not in gpu_startup.CUDA_ERRORS  # the runtime's cudaErrorInsufficientDriver, not a driver API code
+
+
+def test_the_diagnosis_names_a_missing_driver_or_one_that_is_not_nvidias():
+  said = gpu_startup.diagnose(started(), loader(OSError("libcuda.so.1: cannot open shared object file")))
+  assert said.startswith("libcuda.so.1 cannot be loaded (libcuda.so.1: cannot open") and "--gpus all" in said
+  said = gpu_startup.diagnose(started(), loader(NotADriver()))
+  assert "is not NVIDIA's driver library: stub.so: undefined symbol: cuInit" in said
+
+
+def test_the_diagnosis_names_the_first_library_tensorflows_start_up_could_not_open():
+  log = ("I0000 dso_loader.cc:133] Successfully opened dynamic library libcufft.so.11\n"
+         "I0000 dso_loader.cc:144] Could not load dynamic library 'libcusolver.so.11'; dlerror: libcusolver.so.11: "
+         "cannot open shared object file: No such file or directory; LD_LIBRARY_PATH: /usr/local/nvidia/lib64\n"
+         "I0000 dso_loader.cc:144] Could not load dynamic library 'libcusparse.so.12'; dlerror: x; LD_LIBRARY_PATH: y\n")
+  said = gpu_startup.diagnose(started(log, gpus=[]), loader(FakeDriver()))
+  assert said.startswith("the driver (CUDA 12.4) sees 1 GPU(s), but TensorFlow could not open libcusolver.so.11 "
+                         "(libcusolver.so.11: cannot open shared object file: No such file or directory): it comes "
+                         "from pip's nvidia-cusolver-cu12 wheel (site-packages/nvidia/cusolver/lib)"), said
+  log = "I0000 dso_loader.cc:144] Could not load dynamic library 'libnvidia-ml.so.1'; dlerror: gone; LD_LIBRARY_PATH: /x\n"
+  said = gpu_startup.diagnose(started(log, gpus=[]), loader(FakeDriver()))
+  assert "could not open libnvidia-ml.so.1 (gone), a library of the NVIDIA driver" in said and "utility" in said
+
+
+def test_the_diagnosis_survives_a_start_up_that_aborted():
+  log = ("Unable to load any of {libcudnn_graph.so.9.10.2, libcudnn_graph.so.9.10, libcudnn_graph.so.9, "
+         "libcudnn_graph.so}\nInvalid handle. Cannot load symbol cudnnGetProperty\n")
+  said = gpu_startup.diagnose(started(log, returncode=-6), loader(FakeDriver()))
+  assert "but cuDNN could not open libcudnn_graph.so.9, one of its sub-libraries: it comes from pip's " \
+         "nvidia-cudnn-cu12 wheel" in said
+  said = gpu_startup.diagnose(started("F0000 something.cc:1] Check failed: x\n", returncode=-6), loader(FakeDriver()))
+  assert said.endswith("but TensorFlow's GPU start-up was killed by signal 6: F0000 something.cc:1] Check failed: x")
+
+
+def test_the_diagnosis_of_a_start_up_that_saw_fewer_gpus_says_what_it_registered(monkeypatch):
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+  said = gpu_startup.diagnose(started(gpus=["NVIDIA L4"]), loader(FakeDriver(count=2)))
+  assert said == ("the driver (CUDA 12.4) sees 2 GPU(s), and TensorFlow's start-up opened every GPU library and "
+                  "registered 1 (NVIDIA L4); CUDA_VISIBLE_DEVICES=0")
 
 
 # --- job.preflight ---------------------------------------------------------------------------

@@ -409,7 +409,7 @@ def test_gpu_constraints_pin_the_cuda_libraries_tensorflow_was_built_against():
   """pip's NVIDIA wheels in constraints-gpu.txt against tf.sysconfig.get_build_info() of the
   TensorFlow installed here (the same release): cuDNN and the CUDA runtime of the same major
   version (minor versions are compatible within one), cuBLAS of the CUDA major, and the rest
-  of what TensorFlow opens (job/accelerators.py's GPU_LIBRARIES) pinned."""
+  of what TensorFlow opens (job/gpu_startup.py's WHEEL_FOLDERS) pinned."""
   import tensorflow as tf
   info = tf.sysconfig.get_build_info()
   pins = dict(line.strip().split("==") for line in open(os.path.join(REPO, "requirements", "constraints-gpu.txt"))

@@ -52,8 +52,21 @@ def _list_in_help(names: list[str]):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
+def _drop_tensorflows_test_hook():
+  """`import tensorflow` imports its distribute test utilities (tensorflow/python/distribute/
+  combinations.py), which register an absl init callback that lists the physical GPUs, and so
+  starts TensorFlow's GPU runtime, as soon as app.run has parsed the flags: for their test
+  harness only. The job starts the runtime itself, after job/accelerators.py's guard has tried
+  it in a child process (a missing cuDNN sub-library aborts the process that starts it)."""
+  callbacks = getattr(app, "_init_callbacks", None)  # absl-py 2.x
+  for callback in list(callbacks or ()):
+    if getattr(callback, "__module__", "") == "tensorflow.python.distribute.combinations":
+      callbacks.remove(callback)
+
+
 def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | None = None):
   """Defines the command's flags and runs `main` through absl, user errors as one line."""
+  _drop_tensorflows_test_hook()
   before = set(FLAGS)
   if define_flags:
     define_flags()
