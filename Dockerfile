@@ -53,6 +53,8 @@ COPY requirements requirements
 COPY tfrecords tfrecords
 COPY job job
 COPY launch launch
+# The benchmarks too: bench.gpu measures a GPU machine with the image itself (docs/performance.md).
+COPY bench bench
 RUN if [ "$VARIANT" = "tpu" ]; then \
       pip install --no-cache-dir -c requirements/constraints-tpu.txt -r requirements/tpu.txt \
       && pip install --no-cache-dir --no-deps . \
@@ -61,9 +63,13 @@ RUN if [ "$VARIANT" = "tpu" ]; then \
       pip install --no-cache-dir -c requirements/constraints-gpu.txt ".[gpu]" ; \
     fi
 
-# GPU: an unprivileged user (the job needs no more than its home, /tmp and Cloud Storage).
+# GPU: an unprivileged user (the job needs no more than its home, /tmp and Cloud Storage), and
+# the folders where cloudml-hypertune writes a tuning trial's metric (CLOUD_ML_HP_METRIC_FILE:
+# /var/hypertune where the platform says so, else /tmp/hypertune), made its own: the library
+# creates them as root only otherwise (GoogleCloudPlatform/cloudml-hypertune#6).
 FROM trainer AS final-gpu
-RUN useradd --create-home --uid 1000 trainer
+RUN useradd --create-home --uid 1000 trainer \
+    && install -d -o trainer -g trainer /var/hypertune /tmp/hypertune
 USER trainer
 
 # TPU: root. The TPU runtime opens the host's TPU devices (/dev/accel*, /dev/vfio), which

@@ -104,6 +104,12 @@ def gpu_for_machine(machine_type: str, accelerator_type: str | None, accelerator
   if accelerator_type and accelerator_type not in GPUS:
     raise cli.UserError(f"--accelerator_type={accelerator_type}: not a GPU this job knows "
                         f"({', '.join(GPUS)})")
+  # First what no machine can change: a GPU older than TensorFlow's build supports.
+  if accelerator_type and GPUS[accelerator_type].compute_capability < MIN_COMPUTE_CAPABILITY:
+    raise cli.UserError(f"{given}: {accelerator_type} (compute capability "
+                        f"{'.'.join(map(str, GPUS[accelerator_type].compute_capability))}) is older than "
+                        f"TensorFlow's GPU build and the pinned cuDNN support (compute capability "
+                        f"{'.'.join(map(str, MIN_COMPUTE_CAPABILITY))} and newer)")
   family = _family(machine_type)
   if family in FIXED:
     fixed_type, counts = FIXED[family]
@@ -135,16 +141,9 @@ def gpu_for_machine(machine_type: str, accelerator_type: str | None, accelerator
       logging.warning("%s: machine family %s is not in this launcher's table; Vertex AI will say "
                       "whether it takes %s", given, family, accelerator_type)
       accelerator_count = accelerator_count or 1
-  if accelerator_type:
-    gpu = GPUS[accelerator_type]
-    if gpu.arm_only:
-      raise cli.UserError(f"{given}: {accelerator_type} machines are ARM (aarch64); the trainer image is "
-                          "x86-64 only")
-    if gpu.compute_capability < MIN_COMPUTE_CAPABILITY:
-      raise cli.UserError(f"{given}: {accelerator_type} (compute capability "
-                          f"{'.'.join(map(str, gpu.compute_capability))}) is older than TensorFlow's GPU "
-                          f"build and the pinned cuDNN support (compute capability "
-                          f"{'.'.join(map(str, MIN_COMPUTE_CAPABILITY))} and newer)")
+  if accelerator_type and GPUS[accelerator_type].arm_only:
+    raise cli.UserError(f"{given}: {accelerator_type} machines are ARM (aarch64); the trainer image is "
+                        "x86-64 only")
   return accelerator_type, accelerator_count
 
 

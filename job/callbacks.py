@@ -107,6 +107,27 @@ def in_tuning_trial() -> bool:
   return bool(os.environ.get("CLOUD_ML_TRIAL_ID"))
 
 
+def hypertune_reporter():
+  """cloudml-hypertune's reporter, once its metric file is known to be writable by this user.
+
+  The library rewrites CLOUD_ML_HP_METRIC_FILE (default /tmp/hypertune/output.metrics) at every
+  report and creates its folder when it starts; where the platform's folder is writable by root
+  only, a non-root image cannot report (GoogleCloudPlatform/cloudml-hypertune#6, open). The GPU
+  image creates /var/hypertune and /tmp/hypertune for its user (Dockerfile); elsewhere, this
+  stops the trial before it trains, in one line, instead of failing at its first epoch."""
+  import hypertune  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("CLOUD_ML_HP_METRIC_FILE", "/tmp/hypertune/output.metrics")
+  try:
+    reporter = hypertune.HyperTune()
+    with open(reporter.metric_path, "a", encoding="utf-8"):
+      pass
+  except OSError as e:
+    raise cli.UserError(f"tuning trial: cloudml-hypertune cannot write its metric file {path} as uid {os.getuid()} "
+                        f"({e.strerror or e}): the tuning service would never get a figure. Run the trial as a "
+                        "user who can write that folder (GoogleCloudPlatform/cloudml-hypertune#6)") from e
+  return reporter
+
+
 class HypertuneReporter(keras.callbacks.Callback):
   """Reports `monitor` to Vertex AI hyperparameter tuning when the job runs as a trial.
 
@@ -115,8 +136,7 @@ class HypertuneReporter(keras.callbacks.Callback):
 
   def __init__(self, monitor):
     super().__init__()
-    import hypertune  # pylint: disable=g-import-not-at-top
-    self.monitor, self.reporter = monitor, hypertune.HyperTune()
+    self.monitor, self.reporter = monitor, hypertune_reporter()
 
   def on_epoch_end(self, epoch, logs=None):
     if self.monitor in (logs or {}):

@@ -277,6 +277,8 @@ def train_and_evaluate(cfg: config_lib.TrainConfig) -> dict:
   accelerators.guard(config_lib.expected_accelerator(cfg))
   strategy, policy, xla = set_up_devices(cfg)
   chief = distribute_utils.is_chief(strategy)
+  if chief and callbacks_lib.in_tuning_trial():
+    callbacks_lib.hypertune_reporter()  # a trial that could never report stops before it trains
   manifest = preflight(cfg)
   manifest_sha256 = fileio.sha256_of(fileio.join(cfg.data_dir, manifest_lib.MANIFEST_FILE))
   # Before anything is written or cleared, the chief takes the model_dir for this job...

@@ -244,7 +244,7 @@ def test_launcher_fills_in_what_the_machine_fixes(machine, accelerator, count, e
     ("n1-standard-8", "NVIDIA_L4", 1, "N1 machines take NVIDIA_TESLA_T4"),
     ("n1-standard-8", "NVIDIA_TESLA_T4", 3, "in counts of 1, 2, 4, 8"),
     ("a4x-highgpu-4g", None, 0, "ARM"),
-    ("n1-standard-8", "NVIDIA_TESLA_K80", 1, "N1 machines take"),
+    ("n1-standard-8", "NVIDIA_TESLA_K80", 1, "(compute capability 3.7) is older than"),  # not "N1 machines take"
     ("x9-custom-8", "NVIDIA_TESLA_K80", 1, "compute capability 3.7"),
 ])
 def test_launcher_refuses_what_vertex_would_refuse_or_what_drops_the_gpu(machine, accelerator, count, cause):
@@ -297,6 +297,21 @@ def test_hypertune_reports_the_monitored_metric(tmp_path, monkeypatch):
   reporter.on_epoch_end(2, {"val_f1": np.float32(0.625), "loss": 1.0})
   reported = json.loads(metric_file.read_text().strip().splitlines()[-1])
   assert reported["val_f1"] == "0.625" and reported["global_step"] == "2" and reported["trial"] == "7"
+
+
+def test_a_trial_that_cannot_write_its_metric_file_stops_in_one_line(tmp_path, monkeypatch):
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "a_file" / "hypertune" / "output.metrics"))
+  with pytest.raises(callbacks.cli.UserError, match=r"^tuning trial: cloudml-hypertune cannot write its metric "
+                     r"file .*a_file/hypertune/output.metrics as uid \d+ \(.*cloudml-hypertune#6\)$"):
+    callbacks.HypertuneReporter("val_f1")
+
+
+def test_the_gpu_image_gives_its_user_the_folders_hypertune_writes():
+  gpu_stage = open(os.path.join(REPO, "Dockerfile")).read().split("FROM trainer AS final-gpu", 1)[1].split("FROM ", 1)[0]
+  user = re.search(r"^USER (\w+)", gpu_stage, re.M).group(1)
+  made = re.search(rf"install -d -o {user} -g {user} (.+)$", gpu_stage, re.M).group(1).split()
+  assert made == ["/var/hypertune", "/tmp/hypertune"]  # the platform's folder and the library's default
 
 
 def test_dockerfile_matches_the_pinned_tensorflow_and_entrypoint():
@@ -424,6 +439,16 @@ def test_gpu_constraints_pin_the_cuda_libraries_tensorflow_was_built_against():
     assert package in pins, package
   # The held cuDNN still supports the oldest GPU the launcher accepts (requirements/lock.py says why).
   assert pins["nvidia-cudnn-cu12"] == "9.10.2.21" and accelerators.MIN_COMPUTE_CAPABILITY == (6, 0)
+
+
+def test_the_image_holds_every_package_setup_installs():
+  """`docker build` sends what .dockerignore leaves, and the image gets what COPY names: every
+  package of setup.py (bench included: docs/performance.md runs bench.gpu in the image)."""
+  packages = {name for name in re.findall(r'"(\w+)"', re.search(r"include=\[(.*?)\]",
+                                                                 open(os.path.join(REPO, "setup.py")).read(), re.S).group(1))}
+  copied = set(re.findall(r"^COPY (\w+) \1$", open(os.path.join(REPO, "Dockerfile")).read(), re.M))
+  ignored = set(open(os.path.join(REPO, ".dockerignore")).read().split())
+  assert "bench" in packages and packages <= copied and not packages & ignored, (packages, copied, ignored)
 
 
 def test_gpu_image_runs_as_an_unprivileged_user():
