@@ -87,6 +87,13 @@ def default(name: str):
   return TrainConfig.__dataclass_fields__[name].default
 
 
+def define_preflight_flags(flag_values: flags.FlagValues = FLAGS):
+  """job.preflight's own flag, beside job.train's (launch.vertex --preflight checks it too)."""
+  flags.DEFINE_integer("preflight_steps", 20, "Timed training steps (rounded up to whole "
+                       "--steps_per_execution), and as many again fed one in-memory batch.", lower_bound=1,
+                       flag_values=flag_values)
+
+
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """job.train's flags, into `flag_values` (the launchers check a job's flags in a FlagValues of
   their own)."""

@@ -115,6 +115,15 @@ def _cached(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
   return dataset
 
 
+SHUFFLE_BUFFER = 10_000  # examples; a split no larger is shuffled whole
+
+
+def shuffle_buffer(num_examples: int) -> int:
+  """The train split's shuffle buffer: the whole split up to SHUFFLE_BUFFER. The first batch waits
+  until it is full, so that many images are decoded (and cached) before the first step."""
+  return min(num_examples, SHUFFLE_BUFFER)
+
+
 def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, seed: int = 0,
                   take: int | None = None, cache: str = "memory", num_workers: int = 1) -> tf.data.Dataset:
   """(uint8 images, one-hot labels) batches: shuffled, repeated forever, every batch full
@@ -127,7 +136,7 @@ def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, s
   (job/train.py), not here."""
   dataset = _decoded(info, image_size, [], shuffle_files=True, seed=seed, take=take)
   dataset = _cached(dataset.map(lambda image, label, _: (image, label)), cache, "train")  # before any random op
-  dataset = dataset.shuffle(min(info.num_examples, 10_000), seed=seed, reshuffle_each_iteration=True)
+  dataset = dataset.shuffle(shuffle_buffer(info.num_examples), seed=seed, reshuffle_each_iteration=True)
   dataset = dataset.repeat()
   num_classes = len(info.class_counts)
   dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, num_classes)),

@@ -11,14 +11,16 @@ order, stopping at the first that fails:
   storage      a probe object written, read and deleted in --model_dir, the checkpoint
                folder and the TensorBoard folder
   lease        the model_dir's lease taken and released (another job holding it fails here)
-  step         the model built with the real strategy, precision and --jit_compile, and
-               --preflight_steps steps of stage 2 (the heavier stage) at the real global
-               batch: an XLA, NCCL or out-of-memory failure shows here
+  step         the model built with the real strategy, precision, --jit_compile and
+               --steps_per_execution, and --preflight_steps steps of stage 2 (the heavier
+               stage) at the real global batch: an XLA, NCCL or out-of-memory failure shows here
 
-and measures the compile time (the first step), images per second after it, the share
-of step time spent waiting for input (against the same steps fed one batch held in
-memory; while the cache is still filling, the pipeline decodes as it goes, so the share
-is an upper bound), and, on GPUs, the peak device memory. It trains no run: the only
+and measures the compile time (the first execution, fed one batch held in memory), the
+input's start-up (the pipeline's first batch waits for its shuffle buffer: up to 10,000
+images decoded and cached), images per second after it, the share of step time spent
+waiting for input (against the same steps fed the batch held in memory; while the cache
+is still filling, the pipeline decodes as it goes, so the share is an upper bound), and,
+on GPUs, the peak device memory. It trains no run: the only
 file it leaves is its report, preflight.json in --model_dir, which `launch.vertex
 --preflight` reads back. A one-screen summary goes to stderr, the report as one JSON
 line to stdout; the exit status is non-zero when a check failed, and the report names it.
@@ -43,8 +45,7 @@ EXIT_CHECK_FAILED = 3
 
 def define_flags():
   config_lib.define_flags()
-  flags.DEFINE_integer("preflight_steps", 20, "Timed training steps (after the compiling one), and as "
-                       "many again fed one in-memory batch.")
+  config_lib.define_preflight_flags()
 
 
 class Report:
@@ -53,8 +54,8 @@ class Report:
   def __init__(self):
     self.checks: list[dict] = []
     self.figures: dict = {"devices": [], "strategy": None, "replicas": None, "precision": None, "xla": None,
-                          "compile_seconds": None, "images_per_second": None, "input_wait_share": None,
-                          "cache_filling": None, "peak_memory_bytes": None}
+                          "compile_seconds": None, "input_startup_seconds": None, "images_per_second": None,
+                          "input_wait_share": None, "cache_filling": None, "peak_memory_bytes": None}
 
   def run(self, name: str, check, *args):
     start = time.perf_counter()
@@ -143,7 +144,7 @@ def check_lease(cfg: config_lib.TrainConfig, manifest_sha256: str) -> str:
 
 
 class StepTimer(keras.callbacks.Callback):
-  """The first step's time (tracing and compiling included) and each epoch's."""
+  """The first execution's time (what it waited for included) and each epoch's."""
 
   def on_train_begin(self, logs=None):
     self.first_step, self.epochs = None, []
@@ -166,29 +167,45 @@ def timed_fit(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> StepT
   return timer
 
 
+def cache_still_filling(cache: str, num_examples: int, steps: int, global_batch_size: int) -> bool:
+  """Whether the train split's cache is still being filled while the preflight times its second
+  epoch: by then the pipeline has read the shuffle buffer and one epoch of `steps` batches."""
+  read_before = data.shuffle_buffer(num_examples) + steps * global_batch_size
+  return cache != "none" and read_before < num_examples
+
+
 def check_step(cfg: config_lib.TrainConfig, strategy, report: Report, manifest: dict, steps: int) -> str:
   class_names = manifest_lib.class_names(manifest)
   info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
   inner, wrapper = train.build_models(cfg, strategy, len(class_names))
   model_lib.set_trainable_for_stage(inner, stage=2, fine_tune_layers=cfg.fine_tune_layers)
-  train.compile_model(wrapper, strategy, cfg, cfg.stage2_lr, report.figures["xla"], steps_per_execution=1,
+  train.compile_model(wrapper, strategy, cfg, cfg.stage2_lr, report.figures["xla"],
+                      steps_per_execution=cfg.steps_per_execution,
                       class_weights=data.class_weights(info.class_counts) if cfg.class_weights else None)
+  executions = -(-steps // cfg.steps_per_execution)  # the job's own executions, whole
+  steps = executions * cfg.steps_per_execution
   cache = data.choose_cache(cfg.cache, info.num_examples, cfg.image_size)
   pipeline = data.train_dataset(info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed, cache=cache,
                                 num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
+  # First the compiled step alone, fed one batch of the pipeline's shapes held in memory: its first
+  # execution is the compile time, its second epoch the step time with no input to wait for ...
+  held = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), pipeline.element_spec)
+  bound = timed_fit(wrapper, tf.data.Dataset.from_tensors(held).repeat(), steps)
+  # ... then the pipeline: its first step waits for the shuffle buffer (data.shuffle_buffer images
+  # decoded and cached), which is the input's start-up, not compiling.
   job = timed_fit(wrapper, pipeline, steps)
-  # The same compiled step fed one batch held in memory: what it costs with no input to wait for.
-  bound = timed_fit(wrapper, tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat(), steps)
-  report.figures["compile_seconds"] = round(job.first_step, 2)
+  report.figures["compile_seconds"] = round(bound.first_step, 2)
+  report.figures["input_startup_seconds"] = round(max(0.0, job.first_step - bound.epochs[1] / executions), 2)
   report.figures["images_per_second"] = round(steps * cfg.global_batch_size / job.epochs[1], 2)
   report.figures["input_wait_share"] = round(max(0.0, 1.0 - bound.epochs[1] / job.epochs[1]), 3)
-  # The train split is cached on its first pass: until then the pipeline decodes as it goes.
-  report.figures["cache_filling"] = cache != "none" and 2 * steps * cfg.global_batch_size < info.num_examples
+  report.figures["cache_filling"] = cache_still_filling(cache, info.num_examples, steps, cfg.global_batch_size)
   gpus = tf.config.list_logical_devices("GPU")
   if gpus:
     report.figures["peak_memory_bytes"] = max(tf.config.experimental.get_memory_info(g.name)["peak"] for g in gpus)
-  return (f"stage 2 at global batch {cfg.global_batch_size}: the first step took {job.first_step:.1f} s, "
-          f"then {2 * steps - 1} steps from the pipeline and {2 * steps} from memory")
+  return (f"stage 2 at global batch {cfg.global_batch_size}, {cfg.steps_per_execution} step(s) per execution: "
+          f"the first execution took {bound.first_step:.1f} s (compiling), the pipeline's first batch "
+          f"{report.figures['input_startup_seconds']:.1f} s more (its shuffle buffer), then {2 * steps} steps "
+          f"from memory and {2 * steps} from the pipeline")
 
 
 def run_checks(cfg: config_lib.TrainConfig, steps: int) -> dict:
@@ -226,7 +243,8 @@ def summary(report: dict) -> str:
   figures = report
   if figures["images_per_second"] is not None:
     lines.append(f"  {figures['strategy']} × {figures['replicas']}, {figures['precision']}, XLA "
-                 f"{'on' if figures['xla'] else 'off'}: first step {figures['compile_seconds']} s, "
+                 f"{'on' if figures['xla'] else 'off'}: compiling {figures['compile_seconds']} s, input start-up "
+                 f"{figures['input_startup_seconds']} s, "
                  f"{figures['images_per_second']} images/s, waiting for input "
                  f"{100 * figures['input_wait_share']:.0f}% of the time"
                  + (" (cache still filling: an upper bound)" if figures["cache_filling"] else "")

@@ -255,6 +255,16 @@ def set_up_devices(cfg: config_lib.TrainConfig) -> tuple[tf.distribute.Strategy,
     raise cli.UserError(f"--global_batch_size={cfg.global_batch_size} must be a multiple of the "
                         f"{strategy.num_replicas_in_sync} replicas")
   strategy_name = distribute_utils.resolve_strategy_name(cfg.strategy)
+  if cfg.steps_per_execution > 1 and strategy.num_replicas_in_sync > 1 and strategy_name != "tpu":
+    # Keras 3.15 runs several steps per execution in a tf.while_loop whose body is a tf.cond around
+    # the distributed step; under MirroredStrategy (and MultiWorkerMirrored, built on the same
+    # cross-replica calls) with more than one replica, the first execution fails with "You must
+    # feed a value for placeholder tensor 'while/…/Placeholder'" (keras-team/keras#19246, open;
+    # tests/test_train.py keeps a check that it still does). TPUStrategy compiles the loop itself.
+    raise cli.UserError(f"--steps_per_execution={cfg.steps_per_execution} under --strategy={strategy_name} with "
+                        f"{strategy.num_replicas_in_sync} replicas: Keras's multi-step loop fails under several "
+                        "GPU or CPU replicas (keras-team/keras#19246); leave it at 1 there (it pays on TPUs and "
+                        "on one device)")
   policy = performance.policy_name(cfg.mixed_precision, strategy_name)
   performance.set_policy(policy)
   xla = performance.use_xla(cfg.jit_compile, strategy_name, cfg.run_eagerly)

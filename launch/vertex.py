@@ -177,7 +177,7 @@ def check_trainer_flags(passthrough: list[str], preflight: bool = False):
   config_lib.define_flags(trainer)
   flags.DEFINE_bool("traceback", False, "", flag_values=trainer)  # tfrecords/cli.py's, every command's
   if preflight:
-    flags.DEFINE_integer("preflight_steps", 20, "", flag_values=trainer)
+    config_lib.define_preflight_flags(trainer)
   try:
     trainer(["job.train", *passthrough])
   except flags.Error as e:

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import REPO, container_command_for, copy_with_a_damaged_shard
 from job import accelerators, config as config_lib, gpu_startup, preflight
+from launch import vertex
 
 
 def test_a_one_l4_job_on_a_machine_without_a_gpu_stops_at_once_saying_why():
@@ -138,7 +139,8 @@ def run_preflight(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy_flags, replicas", [([], 1), (["--strategy=mirrored", "--cpu_devices=2"], 2)])
+@pytest.mark.parametrize("strategy_flags, replicas", [([], 1), (["--strategy=mirrored", "--cpu_devices=2"], 2),
+                                                     (["--steps_per_execution=2"], 1)])
 def test_preflight_compiles_and_times_the_real_step(shards_dir, tmp_path, strategy_flags, replicas):
   model_dir = tmp_path / "run"
   result, report = run_preflight(f"--data_dir={shards_dir}", f"--model_dir={model_dir}", *strategy_flags)
@@ -147,13 +149,35 @@ def test_preflight_compiles_and_times_the_real_step(shards_dir, tmp_path, strate
   assert [c["check"] for c in report["checks"]] == list(preflight.CHECKS)
   assert report["strategy"] == ("MirroredStrategy" if replicas > 1 else "OneDeviceStrategy")
   assert report["precision"] == "float32" and report["xla"] is False  # a CPU: the job's own decisions
-  assert report["compile_seconds"] > 0 and report["images_per_second"] > 0
+  assert report["compile_seconds"] > 0 and report["images_per_second"] > 0 and report["input_startup_seconds"] >= 0
+  assert report["cache_filling"] is False  # a split smaller than the shuffle buffer is cached before step 1
   assert 0 <= report["input_wait_share"] <= 1 and report["peak_memory_bytes"] is None  # no GPU here
   assert report["checks"][3]["detail"]["first_batches"]["test"] == [16, 32, 32, 3]
   assert "preflight passed" in result.stderr and "images/s" in result.stderr
+  executions = "2 step(s) per execution" if "--steps_per_execution=2" in strategy_flags else "1 step(s) per execution"
+  assert executions in report["checks"][-1]["detail"]  # the job's own executions are what is timed
   # It trains no run: its report is all it leaves, the same as it printed.
   assert sorted(os.listdir(model_dir)) == ["preflight.json"]
   assert json.load(open(model_dir / "preflight.json")) == report
+
+
+def test_the_preflight_says_the_cache_is_filling_only_while_it_is():
+  # HAM10000's train split (~7,000) fits the shuffle buffer: decoded and cached before the first
+  # step, so the timed epoch reads the cache (2 × 20 × 64 images < 7,000 does not make it filling).
+  assert not preflight.cache_still_filling("memory", 7010, steps=20, global_batch_size=64)
+  # ISIC 2019 (~17,700 train images): the buffer (10,000) and one epoch of 20 × 64 read, the rest not yet.
+  assert preflight.cache_still_filling("memory", 17_700, steps=20, global_batch_size=64)
+  assert not preflight.cache_still_filling("memory", 17_700, steps=200, global_batch_size=64)
+  assert not preflight.cache_still_filling("none", 17_700, steps=20, global_batch_size=64)
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_preflight_refuses_no_steps_before_anything_starts(steps):
+  result = subprocess.run([sys.executable, "-m", "job.preflight", f"--preflight_steps={steps}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and f"--preflight_steps={steps}" in result.stderr
+  with pytest.raises(accelerators.cli.UserError, match=r"^after --: flag --preflight_steps=0: "):
+    vertex.check_trainer_flags(["--preflight_steps=0"], preflight=True)
 
 
 def test_preflight_names_a_damaged_shard_and_stops_there(shards_dir, tmp_path):

@@ -233,6 +233,33 @@ def test_mirrored_over_two_cpu_devices(shards_dir, tmp_path):
   assert (model_dir / "best_model.keras").exists() and (model_dir / "metrics.json").exists()
 
 
+# Keras's own fit with two steps per execution over two replicas: the upstream failure that
+# job.train refuses (keras-team/keras#19246). When Keras fixes it, this fails: lift the refusal.
+KERAS_MULTI_STEP_OVER_TWO_REPLICAS = """
+import tensorflow as tf, keras
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+  model.compile("adam", "categorical_crossentropy", steps_per_execution=2)
+model.fit(tf.data.Dataset.from_tensors((tf.zeros([8, 4]), tf.zeros([8, 2]))).repeat(), steps_per_epoch=4, verbose=0)
+"""
+
+
+@pytest.mark.slow
+def test_several_steps_per_execution_over_several_replicas_are_refused_before_anything_is_read(tmp_path):
+  upstream = subprocess.run([sys.executable, "-c", KERAS_MULTI_STEP_OVER_TWO_REPLICAS], capture_output=True,
+                            text=True, timeout=300)
+  assert upstream.returncode != 0 and "You must feed a value for placeholder tensor" in upstream.stderr
+  result = run_module("job.train", f"--data_dir={tmp_path / 'no-shards'}", f"--model_dir={tmp_path / 'run'}",
+                      "--strategy=mirrored", "--cpu_devices=2", "--steps_per_execution=2", check=False)
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+      "error: --steps_per_execution=2 under --strategy=mirrored with 2 replicas: Keras's multi-step loop fails "
+      "under several GPU or CPU replicas (keras-team/keras#19246); leave it at 1 there (it pays on TPUs and on "
+      "one device)")
+  assert not (tmp_path / "run").exists()
+
+
 def _history_has_epoch(history, epoch):
   return lambda: history.exists() and epoch in pd.read_csv(history)["epoch"].tolist()
 
