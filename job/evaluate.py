@@ -35,7 +35,8 @@ HEADLINE = (("balanced_accuracy", "balanced accuracy", "always_nv_balanced_accur
 
 def predict_split(model: keras.Model, info: manifest_lib.SplitInfo, class_names, image_size: int,
                   batch_size: int = 64, take: int | None = None) -> pd.DataFrame:
-  """One row per image: its metadata, true label, predicted label and class probabilities."""
+  """One row per image: its metadata, true label, predicted label and the model's own class
+  probabilities (`p_<class>_raw`; `with_calibrated` adds the calibrated ones)."""
   dataset = data.prediction_dataset(info, image_size, batch_size, take=take)
   names = np.asarray(class_names)
   frames = []
@@ -49,8 +50,8 @@ def predict_split(model: keras.Model, info: manifest_lib.SplitInfo, class_names,
       frame[column] = frame[column].str.decode("utf-8")
     frame["label"] = names[np.argmax(one_hot, axis=1)]
     frame["prediction"] = names[np.argmax(probabilities, axis=1)]
-    for index, name in enumerate(class_names):
-      frame[f"p_{name}"] = probabilities[:, index]
+    for column, values in zip(probability_columns(class_names, raw=True), probabilities.T):
+      frame[column] = values
     frames.append(frame)
   if bar:
     bar.close()
@@ -59,10 +60,26 @@ def predict_split(model: keras.Model, info: manifest_lib.SplitInfo, class_names,
   return table[first + [c for c in table.columns if c not in first]]
 
 
-def labels_and_probabilities(predictions: pd.DataFrame, class_names) -> tuple[np.ndarray, np.ndarray]:
+def probability_columns(class_names, raw: bool = False) -> list[str]:
+  """predictions.csv's probability columns: `p_<class>`, the calibrated probabilities every figure
+  of metrics.json uses (and job.predict returns), and `p_<class>_raw`, the model's own."""
+  return [f"p_{name}_raw" if raw else f"p_{name}" for name in class_names]
+
+
+def labels_and_probabilities(predictions: pd.DataFrame, class_names, raw: bool = False
+                             ) -> tuple[np.ndarray, np.ndarray]:
   labels = predictions["label"].map(manifest_lib.label_map(class_names)).to_numpy()
-  probabilities = predictions[[f"p_{c}" for c in class_names]].to_numpy(dtype=np.float64)
+  probabilities = predictions[probability_columns(class_names, raw)].to_numpy(dtype=np.float64)
   return labels, probabilities
+
+
+def with_calibrated(predictions: pd.DataFrame, class_names, temperature: float) -> pd.DataFrame:
+  """The predictions with the calibrated probabilities (`p_<class>`) before the raw ones."""
+  _, raw = labels_and_probabilities(predictions, class_names, raw=True)
+  calibrated = pd.DataFrame(calibration.apply_temperature(raw, temperature), index=predictions.index,
+                            columns=probability_columns(class_names))
+  first = list(predictions.columns[:predictions.columns.get_loc(probability_columns(class_names, raw=True)[0])])
+  return pd.concat([predictions[first], calibrated, predictions.drop(columns=first)], axis=1)
 
 
 def calibrate(model_dir: str, data_dir: str, image_size: int | None = None,
@@ -75,7 +92,7 @@ def calibrate(model_dir: str, data_dir: str, image_size: int | None = None,
   validation = predict_split(artifacts.load_best_model(model_dir),
                              manifest_lib.split_info(data_dir, manifest, "validation"), class_names,
                              image_size, take=take)
-  labels, probabilities = labels_and_probabilities(validation, class_names)
+  labels, probabilities = labels_and_probabilities(validation, class_names, raw=True)
   temperature = calibration.fit_temperature(labels, probabilities)
   mel = metrics_lib.class_index(class_names, metrics_lib.MELANOMA)
   threshold = None if mel is None else {
@@ -103,10 +120,11 @@ def melanoma_figures(labels, calibrated, class_names, calibration_json) -> dict:
 
 
 def compute_metrics(test: pd.DataFrame, class_names, calibration_json: dict, seed: int = 0) -> dict:
-  """metrics.json's content, from the split's predictions and the run's calibration."""
-  labels, probabilities = labels_and_probabilities(test, class_names)
+  """metrics.json's content, from the split's predictions (with_calibrated: every figure can be
+  recomputed from the file written) and the run's calibration."""
   temperature = calibration_json["temperature"]
-  calibrated = calibration.apply_temperature(probabilities, temperature)
+  labels, probabilities = labels_and_probabilities(test, class_names, raw=True)
+  _, calibrated = labels_and_probabilities(test, class_names)
   counts = skm.confusion_matrix(labels, probabilities.argmax(axis=1), labels=range(len(class_names)))
   # The figures of the probabilities users get (job.predict, the serving export, the melanoma
   # operating point): the calibrated ones. Temperature scaling keeps each image's argmax, so
@@ -124,8 +142,9 @@ def compute_metrics(test: pd.DataFrame, class_names, calibration_json: dict, see
       **metrics_lib.headline(labels, calibrated),
       "macro_roc_auc_raw": metrics_lib.macro_auc(labels, probabilities),
       "baselines": metrics_lib.baselines(labels, class_names),
-      "confidence_intervals_95": metrics_lib.lesion_bootstrap(labels, calibrated,  # calibrated, as above
-                                                              test["lesion_id"].to_numpy(), BOOTSTRAP, seed),
+      "confidence_intervals_95": metrics_lib.lesion_bootstrap(  # calibrated, as above
+          labels, calibrated, test["lesion_id"].to_numpy(), BOOTSTRAP, seed,
+          unit=metrics_lib.bootstrap_unit(test["lesion_id"], test["image_id"])),
       "per_class": per_class,
       "melanoma": melanoma_figures(labels, calibrated, class_names, calibration_json),
       "confusion_matrix": {"labels": list(class_names), "counts": counts.tolist()},
@@ -188,8 +207,8 @@ def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int
   if not info.num_examples:
     raise cli.UserError(f"--data_dir={data_dir}: the {split} split holds no images")
   manifest_lib.check_shards(data_dir, manifest, (split,))  # a damaged shard, named, not a DataLossError
-  test = predict_split(artifacts.load_best_model(model_dir), info,
-                       class_names, image_size, take=take)
+  test = with_calibrated(predict_split(artifacts.load_best_model(model_dir), info, class_names, image_size,
+                                       take=take), class_names, calibration_json["temperature"])
   metrics = {"split": split, **compute_metrics(test, class_names, calibration_json,
                                                seed=run_config.get("seed", 0))}
   log_summary(metrics, test, class_names)

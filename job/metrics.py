@@ -132,9 +132,17 @@ def subgroups(labels, probabilities, metadata: pd.DataFrame) -> dict:
   return out
 
 
-def lesion_bootstrap(labels, probabilities, lesion_ids, replicates: int = 1000, seed: int = 0) -> dict:
+def bootstrap_unit(lesion_ids, image_ids) -> str:
+  """What a lesion bootstrap resamples: lesions, or images where a set without lesion groupings
+  made each image its own lesion (an ISIC Validation or Test set, an external set)."""
+  return "image" if np.array_equal(np.asarray(lesion_ids), np.asarray(image_ids)) else "lesion"
+
+
+def lesion_bootstrap(labels, probabilities, lesion_ids, replicates: int = 1000, seed: int = 0,
+                     unit: str = "lesion") -> dict:
   """95% percentile intervals of the headline metrics, resampling lesions (not images):
-  photos of one lesion are not independent, and resampling them apart narrows the CI."""
+  photos of one lesion are not independent, and resampling them apart narrows the CI.
+  `unit` says what the ids are (bootstrap_unit)."""
   rng = np.random.default_rng(seed)
   lesions, rows_of = np.unique(lesion_ids, return_inverse=True)
   members = [np.flatnonzero(rows_of == i) for i in range(len(lesions))]
@@ -144,7 +152,7 @@ def lesion_bootstrap(labels, probabilities, lesion_ids, replicates: int = 1000, 
     for key, value in headline(labels[rows], probabilities[rows]).items():
       samples[key].append(value)
   return {key: {"low": float(np.nanpercentile(v, 2.5)), "high": float(np.nanpercentile(v, 97.5))}
-          for key, v in samples.items()} | {"replicates": replicates, "unit": "lesion", "seed": seed}
+          for key, v in samples.items()} | {"replicates": replicates, "unit": unit, "seed": seed}
 
 
 def baselines(labels: np.ndarray, class_names) -> dict:

@@ -73,7 +73,8 @@ def test_the_run_takes_its_classes_from_the_manifest(three_class_run):
   assert list(label_map) == list(CLASSES) and list(label_map.values()) == [0, 1, 2]
   assert json.load(open(os.path.join(model_dir, "run_config.json")))["class_names"] == list(CLASSES)
   predictions = pd.read_csv(os.path.join(model_dir, "predictions.csv"))
-  assert [c for c in predictions.columns if c.startswith("p_")] == [f"p_{c}" for c in CLASSES]
+  assert [c for c in predictions.columns if c.startswith("p_")] == [f"p_{c}" for c in CLASSES] + [
+      f"p_{c}_raw" for c in CLASSES]
   assert set(predictions["label"]) == set(CLASSES)
   assert len(predictions) == SPLIT_SIZES["test"]
   assert set(metrics["per_class"]) == set(CLASSES)

@@ -73,6 +73,12 @@ def test_bootstrap_resamples_whole_lesions_and_is_seeded():
   assert result["unit"] == "lesion"
 
 
+def test_the_bootstrap_says_when_it_resamples_images():
+  assert metrics.bootstrap_unit(["HAM_1", "HAM_1", "HAM_2"], ["ISIC_1", "ISIC_2", "ISIC_3"]) == "lesion"
+  # A set without lesion groupings: each image its own lesion (tfrecords/sources.py).
+  assert metrics.bootstrap_unit(["ISIC_1", "ISIC_2"], ["ISIC_1", "ISIC_2"]) == "image"
+
+
 def test_subgroups_count_and_score_each_group():
   labels = np.array([0, 1, 0, 1])
   probabilities = one_hot_probabilities([0, 1, 1, 1], [0.8] * 4)
@@ -145,9 +151,11 @@ def test_aucs_are_those_of_the_calibrated_probabilities_with_the_raw_beside_them
   classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
   test = pd.DataFrame({"label": [classes[i] for i in labels], "lesion_id": [f"L{i}" for i in range(60)],
                        "age": 50.0, "sex": "female", "localization": "back",
-                       **{f"p_{c}": raw[:, i] for i, c in enumerate(classes)}})
+                       "image_id": [f"I{i}" for i in range(60)],
+                       **{f"p_{c}_raw": raw[:, i] for i, c in enumerate(classes)}})
   calibration_json = {"temperature": 4.0, "fitted_on": "validation",
                       "melanoma_threshold": {"value": 0.3, "target_specificity": 0.9}}
+  test = evaluate.with_calibrated(test, classes, 4.0)
   figures = evaluate.compute_metrics(test, classes, calibration_json)
   calibrated = calibration.apply_temperature(raw, 4.0)
   assert np.array_equal(calibrated.argmax(1), raw.argmax(1))

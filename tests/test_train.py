@@ -93,6 +93,15 @@ def test_metrics_match_scikit_learn_on_predictions(trained_run):
   assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
   assert (np.asarray(features.CLASS_NAMES)[probabilities.argmax(axis=1)] == predictions["prediction"]).all()
   assert metrics["balanced_accuracy"] == written["balanced_accuracy"]
+  # The AUCs too, from the file a user opens: p_* are the calibrated probabilities the figures use,
+  # p_*_raw the model's own, which give the *_raw AUCs.
+  labels = predictions["label"].map({c: i for i, c in enumerate(features.CLASS_NAMES)}).to_numpy()
+  present = sorted(set(labels))
+  raw = predictions[[f"p_{c}_raw" for c in features.CLASS_NAMES]].to_numpy()
+  for columns, key in ((probabilities, "macro_roc_auc"), (raw, "macro_roc_auc_raw")):
+    aucs = [skm.roc_auc_score(labels == i, columns[:, i]) for i in present]
+    assert written[key] == pytest.approx(np.mean(aucs)), key
+  assert written["confidence_intervals_95"]["unit"] == "lesion"
 
 
 def test_metrics_json_holds_the_isic_set(trained_run):
