@@ -55,13 +55,19 @@ class InferenceModel:
   image_size: int
   class_names: tuple[str, ...]
   temperature: float
+  calibrated: bool = True  # False: no calibration.json yet, the temperature is 1
+
+  def uncalibrated_warning(self, model_dir: str, what: str):
+    if not self.calibrated:
+      logging.warning("--model_dir=%s has no %s (the training job writes it when it finishes): %s the model's "
+                      "own probabilities, not calibrated ones", model_dir, artifacts.CALIBRATION_FILE, what)
 
 
 def load_for_inference(model_dir: str) -> InferenceModel:
   image_size = artifacts.read_run_config(model_dir)["image_size"]
   calibration_json = artifacts.read_calibration(model_dir)
   return InferenceModel(artifacts.load_best_model(model_dir), image_size, artifacts.class_names(model_dir),
-                        calibration_json["temperature"] if calibration_json else 1.0)
+                        calibration_json["temperature"] if calibration_json else 1.0, calibration_json is not None)
 
 
 def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool = True,
@@ -162,6 +168,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   inference = load_for_inference(FLAGS.model_dir)
   if FLAGS.export_dir:
+    inference.uncalibrated_warning(FLAGS.model_dir, "the export serves")
     export_serving(inference, FLAGS.export_dir)
     logging.info("serving SavedModel written to %s", FLAGS.export_dir)
   paths = expand_paths(argv[1:])
@@ -174,6 +181,8 @@ def main(argv):
     return
   if FLAGS.format == "isic2018" and not FLAGS.output:
     raise cli.UserError("--format=isic2018 writes a submission file: give --output=submission.csv")
+  if not FLAGS.raw:
+    inference.uncalibrated_warning(FLAGS.model_dir, "these are")
   table, unreadable = predict_files(inference, paths, calibrated=not FLAGS.raw)
   if FLAGS.format == "isic2018":
     if unreadable:

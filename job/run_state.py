@@ -33,10 +33,14 @@ from absl import logging
 from job import artifacts, config as config_lib
 from tfrecords import cli, fileio
 
-# What shapes stage 1, and stage 2 on top of it.
+# What shapes stage 1, and stage 2 on top of it. --jit_compile too: the augmentation's stateless
+# draws differ compiled and not, so a run resumed with the other setting draws another stream.
 STAGE1_SETTINGS = ("image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
-                   "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug")
+                   "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug",
+                   "jit_compile")
 STAGE2_SETTINGS = STAGE1_SETTINGS + ("fine_tune_layers",)
+# Settings that records written before they were fingerprinted do not hold: not a difference.
+ADDED_LATER = ("jit_compile",)
 
 
 def fingerprint(cfg: config_lib.TrainConfig, manifest_sha256: str, stage: int) -> dict:
@@ -47,8 +51,8 @@ def fingerprint(cfg: config_lib.TrainConfig, manifest_sha256: str, stage: int) -
 
 def differences(recorded: dict, current: dict) -> list[str]:
   """'name: old → new' for each setting the two fingerprints disagree on."""
-  return [f"{name}: {recorded.get(name)!r} → {current.get(name)!r}"
-          for name in current if recorded.get(name) != current.get(name)]
+  return [f"{name}: {recorded.get(name)!r} → {current.get(name)!r}" for name in current
+          if recorded.get(name) != current.get(name) and (name in recorded or name not in ADDED_LATER)]
 
 
 def records(cfg: config_lib.TrainConfig) -> list[tuple[str, int, dict | None]]:

@@ -41,6 +41,11 @@ def test_a_model_dir_holding_another_run_is_refused_then_cleared_on_overwrite(tm
     run_state.check(other, "sha-a", overwrite=False, chief=True)
   with pytest.raises(cli.UserError, match="manifest_sha256: 'sha-a' → 'sha-b'"):
     run_state.check(earlier, "sha-b", overwrite=False, chief=True)
+  compiled = config_lib.TrainConfig(**{**earlier.__dict__, "jit_compile": "on"})  # another augmentation stream
+  with pytest.raises(cli.UserError, match="jit_compile: 'auto' → 'on'"):
+    run_state.check(compiled, "sha-a", overwrite=False, chief=True)
+  before_it_was_recorded = {k: v for k, v in run_state.fingerprint(earlier, "sha-a", 2).items() if k != "jit_compile"}
+  assert run_state.differences(before_it_was_recorded, run_state.fingerprint(compiled, "sha-a", 2)) == []
   stage2_only = config_lib.TrainConfig(**{**earlier.__dict__, "fine_tune_layers": 10})
   with pytest.raises(cli.UserError, match="fine_tune_layers: 50 → 10"):
     run_state.check(stage2_only, "sha-a", overwrite=False, chief=True)

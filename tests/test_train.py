@@ -182,6 +182,21 @@ def test_predict_cli_on_a_file_and_a_folder(trained_run, synthetic_dir, tmp_path
   assert table["label"].isin(features.CLASS_NAMES).all()
   assert np.allclose(table[[f"p_{c}" for c in features.CLASS_NAMES]].sum(axis=1), 1, atol=1e-5)
   assert table["top3"].str.split().str.len().eq(3).all()
+  assert "calibration.json" not in result.stderr  # a finished run: calibrated, nothing to say
+
+
+def test_predict_says_when_a_run_has_no_calibration_yet(trained_run, tmp_path, caplog):
+  _, run_dir = trained_run
+  unfinished = tmp_path / "unfinished"
+  copy_tree(run_dir, str(unfinished))
+  os.remove(unfinished / "calibration.json")
+  inference = predict.load_for_inference(str(unfinished))
+  assert not inference.calibrated and inference.temperature == 1.0
+  inference.uncalibrated_warning(str(unfinished), "these are")
+  assert f"--model_dir={unfinished} has no calibration.json" in caplog.text and "not calibrated" in caplog.text
+  caplog.clear()
+  predict.load_for_inference(run_dir).uncalibrated_warning(run_dir, "these are")
+  assert caplog.text == ""
 
 
 def test_predict_names_unreadable_files_and_predicts_the_rest(trained_run, synthetic_dir, tmp_path):
