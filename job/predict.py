@@ -31,20 +31,50 @@ from tfrecords import cli, features, fileio, sources
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
-def expand_paths(paths: list[str]) -> list[str]:
-  """Files, folders (their images) and globs, local or gs://, in a stable order."""
-  out = []
+def expand_paths(paths: list[str]) -> tuple[list[str], list[str]]:
+  """Files, folders (their images) and globs, local or gs://, in a stable order; and what was
+  given but is not read, each with why: only regular files are read (a named pipe would block
+  forever), a local file name must be UTF-8 (TensorFlow's file system takes no other), and a
+  folder named as an argument must hold images."""
+  out, not_read = [], []
   for path in paths:
     if tf.io.gfile.isdir(path):
-      out += sorted(fileio.join(path, n) for n in tf.io.gfile.listdir(path)
-                    if n.lower().endswith(IMAGE_SUFFIXES))
+      images = _images_in(path, not_read)
+      if not images:
+        not_read.append(f"{path} (a folder without {', '.join(IMAGE_SUFFIXES)} files)")
+      out += images
     elif any(c in path for c in "*?["):
-      out += sorted(tf.io.gfile.glob(path))
+      out += [p for p in sorted(tf.io.gfile.glob(path)) if _regular(p, not_read)]
     elif tf.io.gfile.exists(path):
-      out.append(path)
+      out += [path] if _regular(path, not_read) else []
     else:
       raise cli.UserError(f"{path}: no such file or folder")
-  return out
+  return out, not_read
+
+
+def _images_in(folder: str, not_read: list[str]) -> list[str]:
+  if not fileio.is_local(folder):
+    return sorted(fileio.join(folder, n) for n in tf.io.gfile.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+  images = []
+  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+      continue
+    try:
+      entry.name.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir keeps undecodable bytes as surrogates
+      not_read.append(f"{os.path.join(folder, os.fsencode(entry.name).decode('utf-8', 'backslashreplace'))} "
+                      "(its name is not UTF-8: rename it)")
+      continue
+    if _regular(entry.path, not_read):
+      images.append(entry.path)
+  return images
+
+
+def _regular(path: str, not_read: list[str]) -> bool:
+  if fileio.is_local(path) and not os.path.isfile(path):
+    not_read.append(f"{path} (not a regular file)")
+    return False
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +105,8 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
   """Label, probability and top 3 per readable image, plus every class probability; and the
   paths that could not be read or decoded as an image (the others are predicted all the same)."""
   def load(index, path):
-    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size, any_format=True)
+    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size, any_format=True,
+                                             max_pixels=features.MAX_PIXELS)
 
   dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -86,7 +117,7 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
     read.extend(indices.numpy().tolist())
     probabilities.append(inference.model.predict_on_batch(model_lib.preprocess(images)))
   seen = set(read)
-  unreadable = [path for index, path in enumerate(paths) if index not in seen]
+  unreadable = [path + _why_unreadable(path) for index, path in enumerate(paths) if index not in seen]
   paths = [paths[index] for index in read]
   names = np.asarray(inference.class_names)
   probabilities = calibration.apply_temperature(
@@ -100,6 +131,15 @@ def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool 
   for index, name in enumerate(names):
     table[f"p_{name}"] = probabilities[:, index]
   return table, unreadable
+
+
+def _why_unreadable(path: str) -> str:
+  """' (why)' where a file that failed is known to be refused, not broken: a pixel bomb."""
+  try:
+    refused = features.too_many_pixels(*(int(n) for n in features.declared_size(tf.io.read_file(path))))
+  except (tf.errors.OpError, ValueError):
+    return ""
+  return f" ({refused})" if refused else ""
 
 
 def isic_submission(table: pd.DataFrame, class_names) -> pd.DataFrame:
@@ -138,8 +178,9 @@ def export_serving(inference: InferenceModel, export_dir: str):
   image_size, model = inference.image_size, inference.model
 
   def serve(image_bytes):
-    images = tf.map_fn(lambda b: features.decode_and_resize(b, image_size), image_bytes,
-                       fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
+    # An instance whose header declares too many pixels fails the request before it is decoded.
+    images = tf.map_fn(lambda b: features.decode_and_resize(b, image_size, max_pixels=features.MAX_PIXELS),
+                       image_bytes, fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
     probabilities = model(model_lib.preprocess(images), training=False)
     logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), calibration.EPSILON, 1.0))
     calibrated = tf.nn.softmax(logits / inference.temperature)
@@ -171,8 +212,10 @@ def main(argv):
     inference.uncalibrated_warning(FLAGS.model_dir, "the export serves")
     export_serving(inference, FLAGS.export_dir)
     logging.info("serving SavedModel written to %s", FLAGS.export_dir)
-  paths = expand_paths(argv[1:])
+  paths, not_read = expand_paths(argv[1:])
   if not paths:
+    if not_read:
+      raise cli.UserError(f"nothing to predict: {', '.join(not_read)}")
     if argv[1:]:
       raise cli.UserError(f"{' '.join(argv[1:])}: no image there (folders give their "
                           f"{', '.join(IMAGE_SUFFIXES)} files; a glob matched nothing)")
@@ -184,9 +227,10 @@ def main(argv):
   if not FLAGS.raw:
     inference.uncalibrated_warning(FLAGS.model_dir, "these are")
   table, unreadable = predict_files(inference, paths, calibrated=not FLAGS.raw)
+  unreadable, given = not_read + unreadable, len(not_read) + len(paths)
   if FLAGS.format == "isic2018":
     if unreadable:
-      raise cli.UserError(f"{len(unreadable)} of {len(paths)} files could not be read as images: "
+      raise cli.UserError(f"{len(unreadable)} of {given} files could not be read as images: "
                           f"{', '.join(unreadable)}; no submission written to {FLAGS.output} (one without "
                           "them is invalid; an older file there, if any, is not this run's)")
     fileio.write_atomic(FLAGS.output, _to_csv(isic_submission(table, inference.class_names)))
@@ -196,7 +240,7 @@ def main(argv):
   for row in table.itertuples():
     print(f"{os.path.basename(row.path)}\t{row.label}\t{row.probability:.3f}\t{row.top3}")
   if unreadable:
-    raise cli.UserError(f"{len(unreadable)} of {len(paths)} files could not be read as images: "
+    raise cli.UserError(f"{len(unreadable)} of {given} files could not be read as images: "
                         f"{', '.join(unreadable)} (the others were predicted)")
 
 

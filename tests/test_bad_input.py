@@ -1,14 +1,18 @@
 """Bad input, third pass: each case ends in one line that names the file, flag or image, run in
 process where it can be (a fresh Python that imports TensorFlow costs ~10 s)."""
 
+import io
 import json
 import os
 import shutil
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from helpers import copy_with_a_damaged_shard
 from job import artifacts, config as config_lib, evaluate, model as model_lib, train
@@ -63,11 +67,10 @@ def test_a_source_too_small_to_split_says_so():
     split_lib.split_by_lesion(metadata)
 
 
-def test_an_image_over_the_pixel_limit_is_refused_before_decoding(small_copy, monkeypatch):
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(small_copy):
   jpeg = sorted((small_copy / "HAM10000_images_part_1").iterdir())[0].read_bytes()
-  monkeypatch.setattr(convert, "MAX_PIXELS", 600 * 450 - 1)
   with pytest.raises(convert.ImageTooLarge, match=r"600×450 pixels, more than the 269,999 allowed"):
-    convert._encode_image(jpeg, 0, 95)  # pylint: disable=protected-access
+    convert._encode_image(jpeg, 0, 95, max_pixels=600 * 450 - 1)  # pylint: disable=protected-access
 
 
 def test_train_data_dir_without_its_split_table_is_named(shards_dir, tmp_path, source):
@@ -154,8 +157,89 @@ def test_predict_reads_bmp_and_names_an_empty_folder(tmp_path, monkeypatch):
   Image.fromarray(np.full((45, 60, 3), 120, np.uint8)).save(tmp_path / "lesion.bmp")
   image = features.decode_and_resize(open(tmp_path / "lesion.bmp", "rb").read(), 32, any_format=True)
   assert image.shape == (32, 32, 3) and int(image.numpy().mean()) == 120
-  assert predict.expand_paths([str(tmp_path)]) == [str(tmp_path / "lesion.bmp")]
-  assert predict.expand_paths([str(tmp_path / "*.jpg")]) == []  # main() then names the glob
+  assert predict.expand_paths([str(tmp_path)]) == ([str(tmp_path / "lesion.bmp")], [])
+  assert predict.expand_paths([str(tmp_path / "*.jpg")]) == ([], [])  # main() then names the glob
+
+
+def png_declaring(width: int, height: int) -> bytes:
+  """A valid PNG of width×height black pixels: a few hundred KB that decode to gigabytes."""
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+  packer = zlib.compressobj(9)
+  row = bytes(1 + 3 * width)  # filter byte, then RGB
+  pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+          + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def tiny_inference(image_size=32):
+  """An InferenceModel of a small classifier: what predict and the export need, without a run."""
+  import keras
+  from job import predict
+  from tfrecords import features
+  inputs = keras.Input((None, None, 3))
+  outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
+  return predict.InferenceModel(keras.Model(inputs, outputs), image_size, features.CLASS_NAMES, 1.0)
+
+
+def test_every_header_says_the_image_size_before_anything_is_decoded():
+  from PIL import Image
+  from tfrecords import features
+  pixels = np.zeros((45, 60, 3), np.uint8)
+  encoded = {}
+  for kind in ("PNG", "JPEG", "GIF", "BMP"):
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, kind)
+    encoded[kind] = out.getvalue()
+  for kind, contents in encoded.items():
+    assert features.declared_size(contents).numpy().tolist() == [45, 60], kind
+  assert features.declared_size(png_declaring(16000, 12000)[:40]).numpy().tolist() == [12000, 16000]
+  assert features.declared_size(b"not an image").numpy().tolist() == [0, 0]
+  assert features.declared_size(b"").numpy().tolist() == [0, 0]
+
+
+def test_predict_names_a_pixel_bomb_and_predicts_the_rest(tmp_path):
+  from job import predict
+  Image = pytest.importorskip("PIL.Image")
+  Image.fromarray(np.full((45, 60, 3), 120, np.uint8)).save(tmp_path / "lesion.jpg")
+  (tmp_path / "bomb.png").write_bytes(png_declaring(8000, 8000))  # 64 MP: 190 MB once decoded
+  table, unreadable = predict.predict_files(tiny_inference(), [str(tmp_path / "bomb.png"), str(tmp_path / "lesion.jpg")])
+  assert table["path"].tolist() == [str(tmp_path / "lesion.jpg")]
+  assert unreadable == [f"{tmp_path / 'bomb.png'} (8000×8000 pixels, more than the 50,000,000 allowed "
+                        "(HAM10000's are 600×450))"]
+
+
+def test_the_serving_signature_refuses_a_pixel_bomb_and_serves_the_next_request(tmp_path):
+  from job import predict
+  Image = pytest.importorskip("PIL.Image")
+  out = io.BytesIO()
+  Image.fromarray(np.full((45, 60, 3), 120, np.uint8)).save(out, "JPEG")
+  lesion = out.getvalue()
+  predict.export_serving(tiny_inference(), str(tmp_path / "serving"))
+  serve = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"]
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"the image declares more pixels than the 50,000,000 "
+                     r"allowed; height, width:.*8000 8000"):
+    serve(image_bytes=tf.constant([lesion, png_declaring(8000, 8000)]))
+  assert serve(image_bytes=tf.constant([lesion]))["probabilities"].shape == (1, 7)
+
+
+def test_predict_reads_regular_files_only_and_names_what_it_leaves(tmp_path):
+  from job import predict
+  Image = pytest.importorskip("PIL.Image")
+  Image.fromarray(np.full((45, 60, 3), 120, np.uint8)).save(tmp_path / "lesion.jpg")
+  os.mkfifo(tmp_path / "fifo.jpg")  # reading it would block forever
+  odd = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes, not UTF-8
+  with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:
+    f.write((tmp_path / "lesion.jpg").read_bytes())
+  (tmp_path / "empty.jpg").mkdir()  # a folder named like an image, holding none
+  paths, not_read = predict.expand_paths([str(tmp_path), str(tmp_path / "empty.jpg"), str(tmp_path / "fifo.jpg")])
+  assert paths == [str(tmp_path / "lesion.jpg")]
+  assert not_read == [f"{tmp_path / 'caf'}\\xe9.jpg (its name is not UTF-8: rename it)",
+                      f"{tmp_path / 'empty.jpg'} (not a regular file)",
+                      f"{tmp_path / 'fifo.jpg'} (not a regular file)",
+                      f"{tmp_path / 'empty.jpg'} (a folder without .jpg, .jpeg, .png, .gif, .bmp files)",
+                      f"{tmp_path / 'fifo.jpg'} (not a regular file)"]
+  assert odd not in paths
 
 
 def test_a_rerun_removes_what_a_killed_write_left(tmp_path):

@@ -64,11 +64,8 @@ _DEFAULT = Settings(source="kaggle")
 
 
 MAX_IMAGE_SIZE = 4096  # HAM10000's images are 600×450: larger only upsamples, at great cost
-MAX_PIXELS = 50_000_000  # per source image: a 20000×20000 JPEG takes gigabytes to decode
-
-
 class ImageTooLarge(ValueError):
-  """A source image over MAX_PIXELS (refused before it is decoded)."""
+  """A source image over features.MAX_PIXELS (refused before it is decoded)."""
 
 
 class ConversionError(cli.UserError):
@@ -113,15 +110,14 @@ class ShardTask:
   skip_bad_images: bool
 
 
-def _encode_image(jpeg: bytes, image_size: int, quality: int):
+def _encode_image(jpeg: bytes, image_size: int, quality: int, max_pixels: int = features.MAX_PIXELS):
   """Decodes (so a corrupt image fails here) and optionally resizes as the seed does. The
   shards hold JPEG (`image/format` says so, and TFDS relies on it): another format kept at
   its size (a PNG named .jpg) is re-encoded."""
-  if jpeg.startswith(JPEG_MAGIC):  # the header says the size: refuse a decompression bomb before decoding
-    height, width = (int(n) for n in tf.image.extract_jpeg_shape(jpeg)[:2])
-    if height * width > MAX_PIXELS:
-      raise ImageTooLarge(f"{width}×{height} pixels, more than the {MAX_PIXELS:,} allowed "
-                          "(HAM10000's are 600×450)")
+  # The header says the size: a decompression bomb is refused before it is decoded.
+  refused = features.too_many_pixels(*(int(n) for n in features.declared_size(jpeg)), max_pixels=max_pixels)
+  if refused:
+    raise ImageTooLarge(refused)
   if not image_size:
     image = tf.io.decode_jpeg(jpeg, channels=3)
     if not jpeg.startswith(JPEG_MAGIC):

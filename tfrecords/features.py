@@ -40,15 +40,64 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def decode_and_resize(jpeg: tf.Tensor, image_size: int, any_format: bool = False) -> tf.Tensor:
+# Pixels an image may declare where bytes from outside are decoded (the converter's sources,
+# job.predict's files, the serving signature's requests): a 0.75 MB PNG can declare 16000×16000,
+# gigabytes once decoded. HAM10000's images are 600×450; ISIC 2020's originals reach ~24 MP.
+MAX_PIXELS = 50_000_000
+
+
+def declared_size(contents: tf.Tensor) -> tf.Tensor:
+  """[height, width] as a JPEG, PNG, GIF or BMP header declares it, read before any pixel is
+  decoded (int64; [0, 0] for bytes of another kind, which the decoder then refuses)."""
+  contents = tf.convert_to_tensor(contents, tf.string)
+  padded = contents + tf.constant(b"\0" * 32)  # header reads stay in bounds on short input
+
+  def number(offset: int, length: int, little_endian: bool) -> tf.Tensor:
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, length), tf.uint8), tf.int64)
+    powers = tf.constant([256 ** (i if little_endian else length - 1 - i) for i in range(length)], tf.int64)
+    return tf.reduce_sum(digits * powers)
+
+  def signed32(value):  # BMP's height is negative for a top-down image
+    return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+
+  def starts(magic: bytes):
+    return tf.equal(tf.strings.substr(padded, 0, len(magic)), magic)
+
+  return tf.case([
+      (starts(b"\xff\xd8\xff"), lambda: tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64)),
+      (starts(b"\x89PNG\r\n\x1a\n"), lambda: tf.stack([number(20, 4, False), number(16, 4, False)])),
+      (tf.logical_or(starts(b"GIF87a"), starts(b"GIF89a")),
+       lambda: tf.stack([number(8, 2, True), number(6, 2, True)])),
+      (starts(b"BM"), lambda: tf.stack([signed32(number(22, 4, True)), signed32(number(18, 4, True))])),
+  ], default=lambda: tf.zeros([2], tf.int64), exclusive=True)
+
+
+def too_many_pixels(height: int, width: int, max_pixels: int = MAX_PIXELS) -> str | None:
+  """Why an image of that declared size is refused, or None."""
+  if height * width <= max_pixels:
+    return None
+  return f"{width}×{height} pixels, more than the {max_pixels:,} allowed (HAM10000's are 600×450)"
+
+
+def decode_and_resize(jpeg: tf.Tensor, image_size: int, any_format: bool = False,
+                      max_pixels: int | None = None) -> tf.Tensor:
   """JPEG → uint8 image_size×image_size, resized with the seed inference's bilinear
   `tf.image.resize`. The converter stores images this way and the job reads them
   this way; an image already at that size is returned as decoded. `any_format`: BMP too
-  (tf.io.decode_jpeg reads JPEG, PNG and GIF; decode_image also BMP), for job.predict."""
-  if any_format:
-    image = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
-  else:
-    image = tf.io.decode_jpeg(jpeg, channels=3)
+  (tf.io.decode_jpeg reads JPEG, PNG and GIF; decode_image also BMP), for job.predict.
+  `max_pixels`: bytes from outside (job.predict, the serving signature) whose header declares
+  more are refused (InvalidArgumentError) before a pixel is decoded."""
+  checks = []
+  if max_pixels is not None:
+    size = declared_size(jpeg)
+    checks.append(tf.debugging.Assert(
+        size[0] * size[1] <= max_pixels,
+        [f"the image declares more pixels than the {max_pixels:,} allowed; height, width:", size]))
+  with tf.control_dependencies(checks):
+    if any_format:
+      image = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
+    else:
+      image = tf.io.decode_jpeg(jpeg, channels=3)
 
   def resize():
     resized = tf.image.resize(image, (image_size, image_size))
