@@ -24,7 +24,7 @@ from absl import flags, logging
 from sklearn import metrics as skm
 
 from job import artifacts, calibration, data, metrics as metrics_lib, model as model_lib, plots
-from tfrecords import cli, fileio, manifest as manifest_lib, progress
+from tfrecords import cli, features, fileio, manifest as manifest_lib, progress
 
 MELANOMA_SPECIFICITY = 0.90
 BOOTSTRAP = 1000  # lesion-bootstrap replicates for the 95% intervals
@@ -188,6 +188,27 @@ def log_summary(metrics: dict, test: pd.DataFrame, class_names):
                  metrics["split"])
 
 
+def check_the_runs_own_split(run_config: dict, model_dir: str, data_dir: str, manifest: dict, split: str):
+  """A train, validation or test split must be the run's own: the same split of another
+  conversion (another --seed, say) holds images the run trained on, and its figures would
+  replace the run's. An external set (--split=external) is another matter: its converter
+  refused any image of the training conversion."""
+  if split not in features.SPLITS:
+    return
+  recorded = run_config.get("split_checksums", {}).get(split)
+  if recorded is not None:
+    same = recorded == manifest_lib.split_checksums(manifest).get(split)
+  else:  # a run from before split checksums were recorded: the whole manifest
+    same = run_config.get("manifest_sha256") in (None, fileio.sha256_of(fileio.join(data_dir, manifest_lib.MANIFEST_FILE)))
+  if not same:
+    trained_on = run_config.get("flags", {}).get("data_dir")
+    raise cli.UserError(f"--data_dir={data_dir}: its {split} split is not the one the run in --model_dir={model_dir} "
+                        f"was trained beside (--data_dir={trained_on}, manifest sha256 "
+                        f"{str(run_config.get('manifest_sha256'))[:12]}…): another conversion's {split} images may "
+                        "be this run's training images. Evaluate on the run's own shards, or convert another set "
+                        "with --external and give --split=external. Nothing was written.")
+
+
 def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int | None = None,
              take: int | None = None, output_dir: str | None = None) -> dict:
   """Predicts `split` and writes the files listed in the module docstring into `output_dir`
@@ -203,6 +224,7 @@ def evaluate(model_dir: str, data_dir: str, split: str = "test", image_size: int
   if manifest_lib.class_names(manifest) != class_names:
     raise cli.UserError(f"--data_dir={data_dir} holds the classes {list(manifest_lib.class_names(manifest))}, "
                         f"the run in --model_dir={model_dir} {list(class_names)}")
+  check_the_runs_own_split(run_config, model_dir, data_dir, manifest, split)
   info = manifest_lib.split_info(data_dir, manifest, split)
   if not info.num_examples:
     raise cli.UserError(f"--data_dir={data_dir}: the {split} split holds no images")

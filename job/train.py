@@ -189,7 +189,7 @@ def fine_tune(run: Run, initial_epoch: int) -> int:
 
 
 def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, class_names,
-               learning_rates: dict[int, float], manifest_sha256: str) -> dict:
+               learning_rates: dict[int, float], manifest_sha256: str, manifest: dict) -> dict:
   return {
       "flags": dataclasses.asdict(cfg),
       "image_size": cfg.image_size,
@@ -201,6 +201,7 @@ def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, cl
       "xla": xla,  # in effect: compile_model stops the job if Keras turns it off
       "effective_learning_rates": {f"stage{stage}": lr for stage, lr in learning_rates.items()},
       "manifest_sha256": manifest_sha256,
+      "split_checksums": manifest_lib.split_checksums(manifest),  # what job.evaluate may call this run's splits
       "fingerprint": run_state.fingerprint(cfg, manifest_sha256, stage=2),
       "command": sys.argv,
       "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
@@ -341,7 +342,8 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   inner, wrapper = build_models(cfg, strategy, len(class_names))
   if chief:  # once the model is built: a run that fails before (bad --weights, say) leaves no record
     fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
-                      run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256))
+                      run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256,
+                                 manifest))
     artifacts.write_label_map(model_dir, class_names)
   state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
               weights, learning_rates, manifest_sha256, model_dir, chief)

@@ -125,6 +125,29 @@ def test_evaluation_names_a_damaged_test_shard_and_a_truncated_model(trained_run
     artifacts.load_best_model(str(model_dir))
 
 
+@pytest.mark.slow
+def test_evaluating_the_test_split_of_another_conversion_is_refused(trained_run, source, tmp_path):
+  """Another --seed deals other lesions into test: many of them are the run's training images."""
+  from tfrecords import features
+  model_dir = tmp_path / "run"
+  shutil.copytree(trained_run[1], model_dir)
+  metrics = (model_dir / "metrics.json").read_bytes()
+  other = str(tmp_path / "other_seed")
+  convert.convert(source, other, convert.Settings(source=source.description, seed=7), workers=2)
+  with pytest.raises(cli.UserError, match=rf"^--data_dir={other}: its test split is not the one the run in "
+                     rf"--model_dir={model_dir} was trained beside \(--data_dir=.*another conversion's test images "
+                     r"may be this run's training images.*Nothing was written\.$"):
+    evaluate.evaluate(str(model_dir), other, "test")
+  assert (model_dir / "metrics.json").read_bytes() == metrics and not (model_dir / "evaluation").exists()
+  # A run recorded before split checksums: the whole manifest is compared.
+  config = json.loads((model_dir / "run_config.json").read_text())
+  del config["split_checksums"]
+  (model_dir / "run_config.json").write_text(json.dumps(config))
+  with pytest.raises(cli.UserError, match="its test split is not the one"):
+    evaluate.evaluate(str(model_dir), other, "test")
+  assert features.EXTERNAL not in features.SPLITS  # --split=external stays allowed
+
+
 def test_a_csv_that_is_not_utf8_names_its_row(small_copy):
   path = small_copy / "HAM10000_metadata.csv"
   lines = path.read_bytes().split(b"\n")

@@ -10,6 +10,7 @@ and take the classes from it rather than from a constant.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 
 import tensorflow as tf
@@ -103,6 +104,13 @@ def check_shards(data_dir: str, manifest: dict, splits, checksums: bool = True, 
   if problems:
     raise cli.UserError(f"--data_dir={data_dir}: {'; '.join(problems)}. Convert again (with --overwrite)"
                         " or restore the files")
+
+
+def split_checksums(manifest: dict) -> dict[str, str]:
+  """Per split, one sha256 of its shards' names and checksums: the same split of the same
+  conversion whatever else the manifest holds (a validation split removed, say)."""
+  return {split: hashlib.sha256("\n".join(f"{s['name']} {s.get('sha256')}" for s in info["shards"]).encode()
+                                ).hexdigest() for split, info in manifest["splits"].items()}
 
 
 def split_info(data_dir: str, manifest: dict, split: str) -> SplitInfo:
