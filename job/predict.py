@@ -192,8 +192,12 @@ def export_serving(inference: InferenceModel, export_dir: str):
   archive.track(model)
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-  fileio.check_write(export_dir)  # Keras writes the SavedModel itself
-  archive.write_out(export_dir, verbose=False)  # verbose prints every tracked variable's spec
+  # Into a temporary folder, then into place: a killed export never leaves half a SavedModel
+  # where TF Serving and upload_model read (and an older export stays whole until then).
+  for left in fileio.remove_temporaries(os.path.dirname(export_dir.rstrip("/"))):
+    logging.info("removed %s, left by an earlier export", left)
+  with fileio.folder_written_whole(export_dir, last=("saved_model.pb",)) as tmp:
+    archive.write_out(tmp, verbose=False)  # verbose prints every tracked variable's spec
 
 
 def define_flags():

@@ -1,11 +1,15 @@
 """Bad input, third pass: each case ends in one line that names the file, flag or image, run in
 process where it can be (a fresh Python that imports TensorFlow costs ~10 s)."""
 
+import glob
 import io
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 
@@ -14,7 +18,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from helpers import copy_with_a_damaged_shard
+from helpers import REPO, copy_with_a_damaged_shard, wait_until
 from job import artifacts, config as config_lib, evaluate, model as model_lib, train
 from tfrecords import cli, convert, sources, split as split_lib
 
@@ -146,6 +150,27 @@ def test_evaluating_the_test_split_of_another_conversion_is_refused(trained_run,
   with pytest.raises(cli.UserError, match="its test split is not the one"):
     evaluate.evaluate(str(model_dir), other, "test")
   assert features.EXTERNAL not in features.SPLITS  # --split=external stays allowed
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_the_served_folder_whole(trained_run, tmp_path):
+  """SIGTERM while the SavedModel is being written: serving/1 keeps the export before it (TF
+  Serving and upload_model read that folder), and the next export clears what was left."""
+  serving = tmp_path / "serving"
+  (serving / "1").mkdir(parents=True)
+  (serving / "1" / "saved_model.pb").write_bytes(b"the export before")
+  command = [sys.executable, "-m", "job.predict", f"--model_dir={trained_run[1]}", f"--export_dir={serving / '1'}"]
+  export = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  wait_until(lambda: glob.glob(str(serving / ".1.tmp-*" / "variables" / "*")), export, "the export writing")
+  export.send_signal(signal.SIGTERM)
+  export.wait(timeout=60)
+  assert (serving / "1" / "saved_model.pb").read_bytes() == b"the export before"
+  assert os.listdir(serving / "1") == ["saved_model.pb"]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(os.listdir(serving)) == ["1"]  # the killed export's temporary folder is gone
+  assert {"saved_model.pb", "variables"} <= set(os.listdir(serving / "1"))
+  assert tf.saved_model.load(str(serving / "1")).signatures["serving_default"] is not None
 
 
 def test_a_csv_that_is_not_utf8_names_its_row(small_copy):

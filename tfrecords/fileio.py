@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from typing import Callable
@@ -102,14 +103,51 @@ def local_copy_then_upload(path: str, suffix: str = ""):
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def folder_written_whole(path: str, last: tuple[str, ...] = ()):
+  """Yields a local temporary folder; on success its content becomes the folder `path`. Locally
+  by renames (an older `path` stays whole until the new one replaces it); elsewhere by an upload
+  of its files, those named in `last` after the rest (a reader that waits for them, as TF
+  Serving waits for saved_model.pb, never sees half a folder). A killed write leaves only a
+  `.NAME.tmp-*` folder, which remove_temporaries clears."""
+  check_write(path)
+  parent = os.path.dirname(path.rstrip("/")) if is_local(path) else None
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path.rstrip('/'))}.tmp-")
+  try:
+    yield tmp
+    if parent is not None:
+      old = None
+      if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path.rstrip('/'))}.tmp-old-")
+        os.rename(path, os.path.join(old, "replaced"))
+      os.rename(tmp, path)
+      if old:
+        shutil.rmtree(old)
+    else:
+      remove_if_exists(path)
+      files = sorted((os.path.relpath(os.path.join(d, n), tmp) for d, _, names in os.walk(tmp) for n in names),
+                     key=lambda relative: os.path.basename(relative) in last)
+      for relative in files:
+        makedirs(join(path, os.path.dirname(relative)))
+        tf.io.gfile.copy(os.path.join(tmp, relative), join(path, relative), overwrite=True)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
 def remove_temporaries(folder: str) -> list[str]:
-  """Removes what local_copy_then_upload leaves when its process is killed mid-write
-  (`.NAME.tmp-*`, local folders only: elsewhere the temporary file is local)."""
+  """Removes what local_copy_then_upload and folder_written_whole leave when their process is
+  killed mid-write (`.NAME.tmp-*`, local folders only: elsewhere the temporary is local)."""
   if not is_local(folder) or not os.path.isdir(folder):
     return []
   left = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(".") and ".tmp-" in n]
   for path in left:
-    os.remove(path)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
   return left
 
 
