@@ -85,6 +85,8 @@ FIXED = {
 # N1 machines take these GPUs, in these counts (the vCPU limits per count are Vertex's to check).
 N1_GPUS = ("NVIDIA_TESLA_T4", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P100", "NVIDIA_TESLA_P4")
 N1_COUNTS = (1, 2, 4, 8)
+# Vertex AI's general-purpose and compute- or memory-optimised families, which take no GPU.
+NO_GPU_FAMILIES = ("n2", "n2d", "n4", "e2", "c2", "c2d", "c3", "c3d", "c4", "m1", "m2", "m3", "t2d", "t2a", "h3")
 
 
 def _family(machine_type: str) -> str:
@@ -96,6 +98,8 @@ def gpu_for_machine(machine_type: str, accelerator_type: str | None, accelerator
   """(accelerator type, count per machine) that Vertex AI would take for this machine, filled in
   where the machine's name fixes them; or a UserError that names the flags and what the machine
   takes. A CPU machine gives (None, 0)."""
+  if not machine_type.strip():
+    raise cli.UserError("--machine_type is empty: give a Vertex AI machine type, e.g. n1-standard-8 or g2-standard-8")
   given = f"--machine_type={machine_type}" + (f" --accelerator_type={accelerator_type}" if accelerator_type
                                               else "") + (f" --accelerator_count={accelerator_count}"
                                                           if accelerator_count else "")
@@ -133,6 +137,9 @@ def gpu_for_machine(machine_type: str, accelerator_type: str | None, accelerator
       if accelerator_count not in N1_COUNTS:
         raise cli.UserError(f"{given}: N1 machines take {accelerator_type} in counts of "
                             f"{', '.join(map(str, N1_COUNTS))}")
+  elif accelerator_type and family.split("-")[0] in NO_GPU_FAMILIES:
+    raise cli.UserError(f"{given}: Vertex AI attaches {accelerator_type} to N1 machines only (e.g. "
+                        f"n1-standard-8) or to the GPU families ({', '.join(FIXED)}); {family} machines take no GPU")
   else:
     if accelerator_count and not accelerator_type:
       raise cli.UserError(f"{given}: a GPU count needs --accelerator_type; without it the job would "
@@ -171,17 +178,26 @@ class Expected:
     return (self.accelerator or "").startswith("TPU")
 
 
+# The TPUs TensorFlow runs on in Vertex AI custom training, as its AcceleratorType names them
+# (launch/vertex.py's TPU specs).
+TPUS = ("TPU_V2", "TPU_V3", "TPU_V5_LITEPOD")
+
+
 def parse_expected(value: str, source: str) -> Expected | None:
   """"NVIDIA_L4:1", "GPU:2" (any model), "TPU_V3:8", or "" / "none" (nothing said)."""
   value = (value or "").strip()
   if value.lower() in ("", "none"):
     return None
   match = re.fullmatch(r"([A-Za-z0-9_]+):(\d+)", value)
-  name = match and match.group(1)
-  if not match or not (name in GPUS or name.upper() == "GPU" or name.startswith("TPU")) or int(match.group(2)) < 1:
-    raise cli.UserError(f"{source}={value}: expected TYPE:COUNT, e.g. NVIDIA_L4:1 or GPU:2 (types: "
-                        f"{', '.join(GPUS)})")
-  return Expected("GPU" if name.upper() == "GPU" else name, int(match.group(2)), source)
+  if not match:
+    raise cli.UserError(f"{source}={value}: expected TYPE:COUNT, e.g. NVIDIA_L4:1 or GPU:2")
+  name, count = match.group(1), int(match.group(2))
+  if not (name in GPUS or name in TPUS or name.upper() == "GPU"):
+    raise cli.UserError(f"{source}={value}: {name} is not an accelerator this job knows (GPU for any GPU, "
+                        f"{', '.join(GPUS)}, {', '.join(TPUS)})")
+  if count < 1:
+    raise cli.UserError(f"{source}={value}: the count is per machine and at least 1 (leave it out for a CPU job)")
+  return Expected("GPU" if name.upper() == "GPU" else name, count, source)
 
 
 def count_gpus_without_tensorflow() -> int:

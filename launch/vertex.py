@@ -79,7 +79,6 @@ TUNED_PARAMETERS = (
     ("stage2_lr", "double", 1e-6, 1e-4, "UNIT_LOG_SCALE"),
     ("fine_tune_layers", "integer", 10, 150, "UNIT_LINEAR_SCALE"),
 )
-DEFAULT_MONITOR = "val_f1"  # job.config's default
 # Every trial: no test evaluation (trials are compared on validation only) and no serving export.
 TRIAL_ARGS = ("--noevaluate", "--noserving")
 
@@ -168,10 +167,10 @@ def timeout_seconds(value: str) -> int:
   return seconds
 
 
-def check_trainer_flags(passthrough: list[str], preflight: bool = False):
-  """Refuses, before anything is submitted, flags after `--` that job.train (or job.preflight)
-  would refuse: a name it does not define (a typo) or a value outside a flag's choices. The
-  flags come from job/config.py, which loads no TensorFlow."""
+def parse_trainer_flags(passthrough: list[str], preflight: bool = False) -> flags.FlagValues:
+  """The flags after `--` as job.train (or job.preflight) parses them, refusing before anything is
+  submitted what it would refuse: a name it does not define (a typo) or a value outside a flag's
+  choices. The flags come from job/config.py, which loads no TensorFlow."""
   from job import config as config_lib  # pylint: disable=g-import-not-at-top
   trainer = flags.FlagValues()
   config_lib.define_flags(trainer)
@@ -180,8 +179,23 @@ def check_trainer_flags(passthrough: list[str], preflight: bool = False):
     config_lib.define_preflight_flags(trainer)
   try:
     trainer(["job.train", *passthrough])
-  except flags.Error as e:
-    raise cli.UserError(f"after --: {e} (see python -m job.train --help)") from None
+  except (flags.Error, ValueError) as e:  # absl raises ValueError for some malformed values
+    raise cli.UserError(f"after --: {str(e).splitlines()[0]} (see python -m job.train --help)") from None
+  return trainer
+
+
+def check_passthrough(trainer: flags.FlagValues, launcher_sets: list[str]):
+  """Flags the launcher sets itself may not come again after `--` (absl keeps a flag's last
+  value: a --model_dir there would send every artifact to the container's disk, lost with it),
+  and the folders a job writes must be Cloud Storage."""
+  twice = [name for name in launcher_sets if trainer[name].present]
+  if twice:
+    raise cli.UserError(f"after --: {', '.join(f'--{n}' for n in twice)} the launcher sets itself (from its own "
+                        "--data_dir and --model_dir, and the machine it chose); give them to launch.vertex, not "
+                        "after --")
+  for name in ("checkpoint_dir", "tensorboard_dir"):
+    if trainer[name].present:
+      gcs_path(f"{name} (after --)", trainer[name].value)
 
 
 def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_dir: str, machine_type: str,
@@ -191,7 +205,10 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it).
   preflight: the same job running job.preflight, bounded by PREFLIGHT_TIMEOUT."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
-  check_trainer_flags(passthrough, preflight)
+  trainer = parse_trainer_flags(passthrough, preflight)
+  check_passthrough(trainer, ["data_dir", "model_dir"] + (
+      ["strategy", "tpu"] if is_tpu(machine_type, accelerator_type) else ["strategy"] if replica_count > 1 else []))
+  seconds = timeout_seconds(timeout)  # checked even where the preflight's own bound applies
   if replica_count < 1:
     raise cli.UserError(f"--replica_count={replica_count}: at least 1 (it counts the chief)")
   if is_tpu(machine_type, accelerator_type):
@@ -212,7 +229,7 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   spec = v1.CustomJobSpec(worker_pool_specs=pools,
                           base_output_directory=v1.GcsDestination(output_uri_prefix=model_dir))
   # An explicit bound, so that a hung job cannot run (and bill) for Vertex's default of 7 days.
-  spec.scheduling = v1.Scheduling(timeout=PREFLIGHT_TIMEOUT if preflight else f"{timeout_seconds(timeout)}s")
+  spec.scheduling = v1.Scheduling(timeout=PREFLIGHT_TIMEOUT if preflight else f"{seconds}s")
   # Several machines: one restarted worker cannot rejoin the others' collectives, so the
   # whole job restarts (and resumes from its backups).
   spec.scheduling.restart_job_on_worker_restart = replica_count > 1
@@ -229,14 +246,8 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
 
 
 def monitor_of(passthrough: list[str]) -> str:
-  """The --monitor the trainer gets (its default unless the passthrough sets it)."""
-  monitor = DEFAULT_MONITOR
-  for index, arg in enumerate(passthrough):
-    if arg.startswith("--monitor="):
-      monitor = arg.split("=", 1)[1]
-    elif arg == "--monitor" and index + 1 < len(passthrough):
-      monitor = passthrough[index + 1]
-  return monitor
+  """The --monitor the trainer gets, as job.train's absl parses it (`-monitor=x`, `--monitor x`)."""
+  return parse_trainer_flags(passthrough).monitor
 
 
 def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_trials: int):

@@ -37,10 +37,14 @@ def test_a_cpu_job_and_a_correct_expectation_pass():
     accelerators.guard(accelerators.parse_expected("GPU:2", "--expected_accelerator"))
 
 
-@pytest.mark.parametrize("value", ["L4", "NVIDIA_L4:0", "NVIDIA_L5:1", "GPU:two"])
-def test_a_malformed_expectation_names_where_it_came_from(value):
-  with pytest.raises(accelerators.cli.UserError, match=r"^\$EXPECTED_ACCELERATOR=" + value.replace(":", ":")):
+@pytest.mark.parametrize("value, why", [("L4", "expected TYPE:COUNT"), ("NVIDIA_L4:0", "at least 1"),
+                                        ("GPU:0", "at least 1"), ("NVIDIA_L5:1", "NVIDIA_L5 is not an accelerator"),
+                                        ("GPU:two", "expected TYPE:COUNT"),
+                                        ("TPU_BOGUS:8", "TPU_BOGUS is not an accelerator")])  # once passed as a TPU
+def test_a_malformed_expectation_names_where_it_came_from(value, why):
+  with pytest.raises(accelerators.cli.UserError, match=rf"^\$EXPECTED_ACCELERATOR={value}: .*{why}"):
     accelerators.parse_expected(value, "$EXPECTED_ACCELERATOR")
+  assert accelerators.parse_expected("TPU_V5_LITEPOD:4", "x").is_tpu
 
 
 class FakeDriver:
@@ -177,7 +181,7 @@ def test_preflight_refuses_no_steps_before_anything_starts(steps):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and f"--preflight_steps={steps}" in result.stderr
   with pytest.raises(accelerators.cli.UserError, match=r"^after --: flag --preflight_steps=0: "):
-    vertex.check_trainer_flags(["--preflight_steps=0"], preflight=True)
+    vertex.parse_trainer_flags(["--preflight_steps=0"], preflight=True)
 
 
 def test_preflight_names_a_damaged_shard_and_stops_there(shards_dir, tmp_path):

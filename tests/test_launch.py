@@ -111,6 +111,40 @@ def _custom_job(**kwargs):
   return vertex.build_custom_job(**{**settings, **kwargs})
 
 
+@pytest.mark.parametrize("passthrough, refused", [
+    (["--model_dir=/tmp/lost", "--data_dir=/tmp/x"], r"^after --: --data_dir, --model_dir the launcher sets itself"),
+    (["--data_dir", "gs://b/other"], r"^after --: --data_dir the launcher sets itself"),
+    (["--checkpoint_dir=/tmp/ckpt"], r"^--checkpoint_dir \(after --\)=/tmp/ckpt: Vertex AI jobs read and write Cloud"),
+    (["--tensorboard_dir=logs"], r"^--tensorboard_dir \(after --\)=logs: Vertex AI"),
+    (["--noserving=false"], r"^after --: .*noserving.*\(see python -m job.train --help\)$"),
+])
+def test_trainer_flags_may_not_override_the_launchers_own(passthrough, refused):
+  with pytest.raises(vertex.cli.UserError, match=refused):
+    _custom_job(passthrough=passthrough)
+
+
+def test_the_launcher_sets_the_strategy_of_a_tpu_or_several_machines_itself():
+  with pytest.raises(vertex.cli.UserError, match=r"^after --: --strategy the launcher sets itself"):
+    _custom_job(passthrough=["--strategy=mirrored"], replica_count=2)
+  with pytest.raises(vertex.cli.UserError, match=r"^after --: --strategy, --tpu the launcher sets itself"):
+    _custom_job(passthrough=["--strategy=one_device", "--tpu=x"], machine_type="cloud-tpu", accelerator_type="TPU_V3",
+                accelerator_count=8)
+  assert "--strategy=mirrored" in vertex.rest_json(_custom_job(passthrough=["--strategy=mirrored"]))[
+      "jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["args"]  # one machine: the user's choice
+  assert _custom_job(passthrough=["--checkpoint_dir=gs://b/ckpt"])
+
+
+def test_the_tuning_metric_is_the_monitor_as_the_trainer_parses_it():
+  assert vertex.monitor_of([]) == "val_f1"
+  assert vertex.monitor_of(["-monitor=val_loss"]) == "val_loss"  # absl takes a single dash too
+  assert vertex.monitor_of(["--monitor", "val_accuracy", "--stage1_epochs=1"]) == "val_accuracy"
+
+
+def test_a_bad_timeout_is_refused_with_the_preflight_too():
+  with pytest.raises(vertex.cli.UserError, match=r"^--timeout=junk: a duration"):
+    _custom_job(preflight=True, timeout="junk")
+
+
 @pytest.mark.parametrize("tune", [False, True])
 def test_vertex_submit_and_wait_follow_the_job_through_the_real_client(tune, capsys):
   from vertex_stand_in import JobServiceStandIn
@@ -246,11 +280,15 @@ def test_launcher_fills_in_what_the_machine_fixes(machine, accelerator, count, e
     ("a4x-highgpu-4g", None, 0, "ARM"),
     ("n1-standard-8", "NVIDIA_TESLA_K80", 1, "(compute capability 3.7) is older than"),  # not "N1 machines take"
     ("x9-custom-8", "NVIDIA_TESLA_K80", 1, "compute capability 3.7"),
+    ("n2-standard-8", "NVIDIA_TESLA_T4", 1, "attaches NVIDIA_TESLA_T4 to N1 machines only"),  # not a warning
+    ("e2-standard-8", "NVIDIA_L4", 1, "e2-standard machines take no GPU"),
+    ("", None, 0, "--machine_type is empty"),
 ])
 def test_launcher_refuses_what_vertex_would_refuse_or_what_drops_the_gpu(machine, accelerator, count, cause):
   with pytest.raises(vertex.cli.UserError, match=re.escape(cause)) as refused:
     accelerators.gpu_for_machine(machine, accelerator, count)
-  assert f"--machine_type={machine}" in str(refused.value) or "--accelerator_count" in str(refused.value)
+  assert f"--machine_type={machine}" in str(refused.value) or "--accelerator_count" in str(refused.value) or (
+      not machine and "--machine_type is empty" in str(refused.value))
 
 
 def test_an_unknown_machine_family_passes_with_a_warning(caplog):
