@@ -173,6 +173,20 @@ def test_a_killed_export_leaves_the_served_folder_whole(trained_run, tmp_path):
   assert tf.saved_model.load(str(serving / "1")).signatures["serving_default"] is not None
 
 
+def test_the_synthetic_sets_least_size_is_the_one_its_help_says(tmp_path):
+  from tfrecords import synthetic
+  with pytest.raises(cli.UserError, match=r"--num_images=299: need at least 300"):
+    synthetic.class_image_counts(synthetic.MIN_NUM_IMAGES - 1)
+  result = subprocess.run([sys.executable, "-m", "tfrecords.synthetic", "--num_images=200",
+                           f"--output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "flag --num_images=200: 200 is not integer >= 300" in result.stderr
+  assert not (tmp_path / "out").exists()
+  helped = subprocess.run([sys.executable, "-m", "tfrecords.synthetic", "--helpfull"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120).stdout
+  assert "Number of images (≥ 300," in helped
+
+
 def test_a_csv_that_is_not_utf8_names_its_row(small_copy):
   path = small_copy / "HAM10000_metadata.csv"
   lines = path.read_bytes().split(b"\n")

@@ -41,6 +41,7 @@ HAM10000_CLASS_COUNTS = {
     "akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
 PHOTOS_PER_LESION_SHARE = (0.74, 0.19, 0.053, 0.013, 0.003, 0.001)
 MIN_IMAGES_PER_CLASS = 30
+MIN_NUM_IMAGES = 10 * MIN_IMAGES_PER_CLASS  # so that every class lands in every split
 LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face",
                  "chest", "foot", "neck", "scalp", "hand", "ear", "unknown")
 
@@ -70,7 +71,8 @@ FIRST_IMAGE_NUMBER = {"Training": 24306, "Test": 34524}  # the real sets' first 
 
 def define_flags():
   flags.DEFINE_string("output_dir", None, "Where to write the dataset.", required=True)
-  flags.DEFINE_integer("num_images", 600, "Number of images (≥ 200 so every class lands in every split).")
+  flags.DEFINE_integer("num_images", 600, f"Number of images (≥ {MIN_NUM_IMAGES}, so that every class lands in "
+                       "every split).", lower_bound=MIN_NUM_IMAGES)
   flags.DEFINE_integer("seed", 0, "Random seed: the same seed writes the same dataset.")
   flags.DEFINE_enum("layout", "kaggle", LAYOUTS,
                     "kaggle: the Kaggle copy's folders with lowercase twins; folder: the two "
@@ -84,9 +86,9 @@ def define_flags():
 
 def class_image_counts(num_images: int) -> dict[str, int]:
   """HAM10000's class shares with a floor, scaled to `num_images`."""
-  if num_images < 10 * MIN_IMAGES_PER_CLASS:
-    raise ValueError(f"--num_images={num_images}: need at least {10 * MIN_IMAGES_PER_CLASS} "
-                     "so that every class lands in every split")
+  if num_images < MIN_NUM_IMAGES:
+    raise cli.UserError(f"--num_images={num_images}: need at least {MIN_NUM_IMAGES} so that every class lands "
+                        "in every split")
   total = sum(HAM10000_CLASS_COUNTS.values())
   counts = {dx: max(MIN_IMAGES_PER_CLASS, round(num_images * n / total))
             for dx, n in HAM10000_CLASS_COUNTS.items()}
