@@ -534,6 +534,22 @@ def test_the_serving_image_does_what_vertex_asks_of_a_custom_container(tmp_path)
   assert model.container_spec.health_route == f"/v1/models/{upload_model.TF_SERVING_MODEL_NAME}"
   missing = subprocess.run(["/bin/sh", entrypoint], env={"PATH": env["PATH"]}, capture_output=True, text=True)
   assert missing.returncode != 0 and "AIP_STORAGE_URI is not set" in missing.stderr
+  # The layout TF Serving needs, named before it starts (it would wait forever for a version).
+  (tmp_path / "run" / "model" / "serving" / "1" / "variables").mkdir(parents=True)
+  (tmp_path / "run" / "model" / "serving" / "1" / "saved_model.pb").write_bytes(b"")
+  (tmp_path / "export").mkdir()
+  (tmp_path / "export" / "saved_model.pb").write_bytes(b"")
+  for uri, said in (("gs://b/r/model/serving/1", "is a version folder; TF Serving needs its parent"),
+                    (f"{tmp_path}/run/model/serving/1/", "is a version folder"),
+                    (f"{tmp_path}/run/model", "holds no version folder"),
+                    (f"{tmp_path}/run/model/serving/1/variables", "holds no version folder"),
+                    (f"{tmp_path}/export", "is a SavedModel itself")):
+    refused = subprocess.run(["/bin/sh", entrypoint], env={**env, "AIP_STORAGE_URI": uri}, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and said in refused.stderr and refused.stdout == "", (uri, refused.stderr)
+  served = subprocess.run(["/bin/sh", entrypoint], env={**env, "AIP_STORAGE_URI": f"{tmp_path}/run/model/serving"},
+                          capture_output=True, text=True, check=True).stdout.split()
+  assert served[-1] == f"--model_base_path={tmp_path}/run/model/serving"
 
 
 def test_upload_model_waits_for_the_long_running_operation_through_the_real_client():
