@@ -138,9 +138,14 @@ def check_storage(cfg: config_lib.TrainConfig) -> str:
 
 
 def check_lease(cfg: config_lib.TrainConfig, manifest_sha256: str) -> str:
+  """The model_dir's lease taken and released, and, as job.train checks next, no other run in the
+  folder (with --overwrite the job would clear it: the preflight clears nothing)."""
   lease = run_state.Lease(cfg.model_dir, run_state.fingerprint(cfg, manifest_sha256, stage=2)).acquire()
   lease.release()
-  return f"taken and released ({lease.path})"
+  if not cfg.overwrite:
+    run_state.check(cfg, manifest_sha256, overwrite=False, chief=True)
+  return f"taken and released ({lease.path})" + (", no other run there" if not cfg.overwrite else
+                                                  "; --overwrite: the job will clear any other run there")
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -210,7 +215,7 @@ def check_step(cfg: config_lib.TrainConfig, strategy, report: Report, manifest: 
 
 def run_checks(cfg: config_lib.TrainConfig, steps: int) -> dict:
   """The checks, in order, up to the first that fails; the report (also written to the model_dir
-  when the storage check has shown that it can be)."""
+  when the storage check has shown that it can be, and the lease check that it is this job's)."""
   report = Report()
   try:
     report.run("devices", check_devices, report)
@@ -226,8 +231,10 @@ def run_checks(cfg: config_lib.TrainConfig, steps: int) -> dict:
   except CheckFailed as failed:
     logging.info("preflight stopped at %s", failed)
   result = report.as_dict()
-  if not any(c["check"] == "storage" and not c["ok"] for c in report.checks):
-    try:  # for launch.vertex --preflight to read back, whichever check failed
+  # For launch.vertex --preflight to read back, whichever check failed; but never where it cannot
+  # be written, nor into a folder that is another job's or another run's (the lease check).
+  if result["failed_check"] not in ("storage", "lease"):
+    try:
       fileio.write_json(artifacts.path(cfg.model_dir, artifacts.PREFLIGHT_FILE), result)
     except (tf.errors.OpError, OSError) as e:
       logging.warning("preflight: the report could not be written to --model_dir=%s: %s", cfg.model_dir,

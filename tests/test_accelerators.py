@@ -204,6 +204,28 @@ def test_preflight_names_an_unwritable_model_dir(shards_dir, tmp_path):
   assert report["checks"][-1]["detail"].startswith(f"--model_dir={tmp_path / 'a_file' / 'run'} is not writable")
 
 
+def test_preflight_refuses_a_folder_job_train_would_refuse_and_writes_nothing_there(shards_dir, tmp_path):
+  from job import run_state
+  from tfrecords import fileio
+  cfg = config_lib.TrainConfig(data_dir=shards_dir, model_dir=str(tmp_path / "run"), weights="none",
+                               image_size=32, global_batch_size=16, strategy="one_device")
+  # Another run's stage marker (another image size): job.train with these flags stops there.
+  other = config_lib.TrainConfig(**{**cfg.__dict__, "image_size": 64})
+  fileio.write_json(str(tmp_path / "run" / "checkpoints" / "stage1.json"),
+                    {"fingerprint": run_state.fingerprint(other, "sha", 1)})
+  report = preflight.run_checks(cfg, steps=3)
+  assert report["failed_check"] == "lease" and "holds another run (image_size: 64 → 32" in report["checks"][-1]["detail"]
+  assert not (tmp_path / "run" / "preflight.json").exists()
+  # A live job holds the folder: its lease refuses the preflight, which leaves nothing in that job's folder.
+  busy = tmp_path / "busy"
+  held = run_state.Lease(str(busy), {"job": "another"}).acquire()
+  try:
+    report = preflight.run_checks(config_lib.TrainConfig(**{**cfg.__dict__, "model_dir": str(busy)}), steps=3)
+  finally:
+    held.release()
+  assert report["failed_check"] == "lease" and not (busy / "preflight.json").exists()
+
+
 @pytest.mark.slow
 def test_preflight_exits_non_zero_naming_the_failed_check(shards_dir, tmp_path):
   result, report = run_preflight(f"--data_dir={shards_dir}", f"--model_dir={tmp_path / 'run'}",
