@@ -157,10 +157,10 @@ class CheckWritesAllowed(keras.callbacks.Callback):
     self.model_dir = model_dir
 
   def on_train_batch_end(self, batch, logs=None):
-    fileio.check_write(self.model_dir)
+    fileio.check_write(None)  # what the heartbeat knows: no look at the lease on every step
 
   def on_epoch_end(self, epoch, logs=None):
-    fileio.check_write(self.model_dir)
+    fileio.check_write(self.model_dir)  # the epoch's writes follow: the lease is looked at
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

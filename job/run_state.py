@@ -121,12 +121,18 @@ class _LocalStore:
     self.path = path
 
   def create(self, text) -> bool:
+    """Exclusive and whole: the record is written to a file of its own, then linked into place
+    (link fails where the lease exists), so no job ever sees a lease created but not yet written."""
+    tmp = f"{self.path}.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)
     try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      os.link(tmp, self.path)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    finally:
+      os.remove(tmp)
     return True
 
   def read(self):
@@ -282,11 +288,7 @@ class Lease:
       raise cli.UserError(f"--model_dir={self.model_dir} is not writable: {str(e).splitlines()[0][:200]}") from e
     if not created:
       text, token = self._store.read()
-      try:
-        current = json.loads(text) if text else {}
-      except json.JSONDecodeError:
-        raise cli.UserError(f"{self.path} is not a lease this job wrote (not JSON): if no job is running into "
-                            "--model_dir, delete it and rerun") from None
+      current = {} if text is None else self._parse(text)
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
           current.get("fingerprint") == self.fingerprint)
       expired = current.get("expires", 0) < time.time()
@@ -296,7 +298,8 @@ class Lease:
       else:
         taken = (same_job or expired or dead) and self._store.replace(self._record(), token)
       if not taken:
-        until = time.strftime("%H:%M:%S", time.localtime(current.get("expires", 0)))
+        expires = time.localtime(current.get("expires", 0))
+        until = time.strftime("%H:%M:%S" if expires[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", expires)
         raise ModelDirInUse(f"--model_dir={self.model_dir} is in use by another job ({current.get('holder')}"
                             f"{', Vertex AI job ' + current['job_id'] if current.get('job_id') else ''}; "
                             f"its lease runs to {until} unless renewed). Wait for it to end, or give "
@@ -305,10 +308,44 @@ class Lease:
                    "the same Vertex AI job, restarted" if same_job else
                    "its process on this host has ended" if dead else "it had expired")
     self._token = self._store.read()[1]
+    self._lock = threading.Lock()  # the heartbeat's renewal and a write's look at the lease, one at a time
     fileio.add_write_guard(self.check)
     self._thread = threading.Thread(target=self._heartbeat, name="model-dir-lease", daemon=True)
     self._thread.start()
     return self
+
+  def _parse(self, text: str) -> dict:
+    """A lease record, or a one-line error naming the file: not JSON, not an object, or a field
+    of the wrong kind (an edited or foreign file)."""
+    try:
+      record, parsed = json.loads(text), True
+    except json.JSONDecodeError:
+      record, parsed = None, False
+    if not isinstance(record, dict) or not isinstance(record.get("expires", 0), (int, float)) or isinstance(
+        record.get("expires"), bool) or not isinstance(record.get("pid", 0), (int, type(None))):
+      what = "empty" if not text.strip() else "not a lease record" if parsed else "not JSON"
+      raise cli.UserError(f"{self.path} is not a lease this job wrote ({what}): if no job is running into "
+                          "--model_dir, delete it and rerun")
+    return record
+
+  def _holder(self, text: str | None) -> str | None:
+    try:
+      record = json.loads(text) if text else None
+    except json.JSONDecodeError:
+      return None
+    return record.get("holder") if isinstance(record, dict) else None
+
+  def _still_ours(self) -> bool:
+    """Whether the lease is this job's: the token it last wrote, or a record of its own that was
+    touched or edited since (then adopted). Another holder's record means a takeover."""
+    text, token = self._store.read()
+    if token == self._token:
+      return True
+    if self._holder(text) == self.holder:
+      self._token = token
+      return True
+    self._lose(f"it was taken over by {self._holder(text) or 'another job'}")
+    return False
 
   def _heartbeat(self):
     renewed = time.time()
@@ -316,13 +353,16 @@ class Lease:
       delay = 1.0
       while True:
         try:
-          if self._store.replace(self._record(), self._token):
-            self._token, renewed = self._store.read()[1], time.time()
-          else:
-            text = self._store.read()[0]
-            holder = (json.loads(text).get("holder") if text else None) or "another job"
-            self._lose(f"it was taken over by {holder}")
-            return
+          with self._lock:
+            if self._store.replace(self._record(), self._token):
+              self._token, renewed = self._store.read()[1], time.time()
+            else:
+              text, token = self._store.read()
+              if token == self._token or self._holder(text) != self.holder:
+                self._lose(f"it was taken over by {self._holder(text) or 'another job'}")
+                return
+              self._token = token  # our own record, touched or edited: renew it now
+              continue
           break
         except Exception as e:  # pylint: disable=broad-except  (transient: the network, a 5xx)
           if time.time() - renewed >= self.seconds:
@@ -339,7 +379,15 @@ class Lease:
     logging.error("the lease on %s is lost: %s; this job writes nothing more there", self.model_dir, why)
 
   def check(self, path: str | None = None):
-    """Raises LeaseLost once the lease is lost (a write guard: `path` is what was to be written)."""
+    """Raises LeaseLost once the lease is lost (a write guard: `path` is what was to be written).
+    Before a write it looks at the lease itself: a job that took it over (its term edited into
+    the past, say) is seen now, not at the next renewal."""
+    if path is not None and not self.lost and self._thread is not None and not self._stop.is_set():
+      try:
+        with self._lock:
+          self._still_ours()
+      except Exception:  # pylint: disable=broad-except  (transient: the heartbeat's retries decide)
+        pass
     if self.lost:
       target = f" (it was about to write {path})" if path else ""
       raise LeaseLost(f"--model_dir={self.model_dir}: this job no longer holds its lease: {self.lost}; it "

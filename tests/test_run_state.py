@@ -299,6 +299,49 @@ def test_a_lease_left_by_a_process_that_ended_on_this_host_is_taken_over(tmp_pat
   run_state.Lease(str(model_dir), {}).acquire().release()
 
 
+@pytest.mark.parametrize("text, what", [("null", "not a lease record"), ("[1, 2]", "not a lease record"),
+                                        ('{"expires": "soon"}', "not a lease record"), ("", "empty"),
+                                        ("{not json", "not JSON")])
+def test_a_lease_file_that_is_not_a_lease_is_named_not_taken_over(tmp_path, text, what):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / ".lease.json").write_text(text)
+  with pytest.raises(cli.UserError, match=rf"^{re.escape(str(model_dir / '.lease.json'))} is not a lease this job "
+                     rf"wrote \({what}\): if no job is running into --model_dir, delete it and rerun$"):
+    run_state.Lease(str(model_dir), {}).acquire()
+  assert (model_dir / ".lease.json").read_text() == text
+  assert os.listdir(model_dir) == [".lease.json"]  # the exclusive create left no file of its own
+
+
+def test_a_takeover_is_seen_before_the_next_write_and_a_touch_is_not_one(tmp_path, monkeypatch):
+  monkeypatch.delenv("CLOUD_ML_JOB_ID", raising=False)
+  model_dir = tmp_path / "run"
+  first = run_state.Lease(str(model_dir), {"run": 1}, seconds=300).acquire()
+  try:
+    os.utime(model_dir / ".lease.json")  # touched: still this job's
+    fileio.write_atomic(str(model_dir / "history.csv"), "epoch 1")
+    record = json.loads((model_dir / ".lease.json").read_text())
+    (model_dir / ".lease.json").write_text(json.dumps({**record, "expires": time.time() - 1}))  # edited
+    fileio.write_atomic(str(model_dir / "history.csv"), "epoch 2")  # its own record still: adopted
+    second = run_state.Lease(str(model_dir), {"run": 1}, seconds=300).acquire()  # expired: taken over
+    try:
+      with pytest.raises(run_state.LeaseLost, match=rf"taken over by {re.escape(second.holder)}"):
+        fileio.write_atomic(str(model_dir / "history.csv"), "epoch 3 of the first job")  # not 60 s later
+      assert (model_dir / "history.csv").read_text() == "epoch 2"
+    finally:
+      second.release()
+  finally:
+    first.release()
+
+
+def test_a_lease_far_in_the_future_is_named_with_its_date(tmp_path):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / ".lease.json").write_text(json.dumps({"holder": "vm-7 pid 42", "expires": time.time() + 400 * 86400}))
+  with pytest.raises(run_state.ModelDirInUse, match=r"its lease runs to \d{4}-\d\d-\d\d \d\d:\d\d:\d\d unless"):
+    run_state.Lease(str(model_dir), {}).acquire()
+
+
 class _FlakyStore:
   """A lease store whose renewals fail `failures` times (a network error), then answer `then`."""
 

@@ -58,20 +58,21 @@ def makedirs(path: str):
 
 # Checks every write of this process runs first, each raising to forbid it (job/run_state.py's
 # lease, once lost, forbids any further write into the model_dir).
-_WRITE_GUARDS: list[Callable[[str], None]] = []
+_WRITE_GUARDS: list[Callable[[str | None], None]] = []
 
 
-def add_write_guard(guard: Callable[[str], None]):
+def add_write_guard(guard: Callable[[str | None], None]):
   _WRITE_GUARDS.append(guard)
 
 
-def remove_write_guard(guard: Callable[[str], None]):
+def remove_write_guard(guard: Callable[[str | None], None]):
   if guard in _WRITE_GUARDS:
     _WRITE_GUARDS.remove(guard)
 
 
-def check_write(path: str):
-  """Raises if a write guard forbids writing `path` (for writers that do not go through here)."""
+def check_write(path: str | None):
+  """Raises if a write guard forbids writing `path` (for writers that do not go through here);
+  None: a check between writes, on what the guards already know (cheap enough for every step)."""
   for guard in list(_WRITE_GUARDS):
     guard(path)
 
