@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 from sklearn.utils.class_weight import compute_class_weight
 
-from job import config as config_lib
+from job import config as config_lib, run_state
 from tfrecords import features
 from tfrecords.manifest import SplitInfo
 
@@ -109,10 +109,29 @@ def _cached(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
   if cache == "memory":
     return dataset.cache()
   if cache == "disk":  # a local file per process (workers on one host must not share one)
-    folder = tempfile.mkdtemp(prefix="ham10000-cache-")
+    remove_stale_disk_caches()
+    folder = tempfile.mkdtemp(prefix=f"{DISK_CACHE_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the decoded split can take gigabytes
     return dataset.cache(os.path.join(folder, name))
   return dataset
+
+
+DISK_CACHE_PREFIX = "ham10000-cache-"  # then the pid of the process that made it
+
+
+def remove_stale_disk_caches(root: str | None = None) -> list[str]:
+  """Removes the disk caches of processes that no longer run (a killed job's: atexit never ran),
+  which hold a decoded split each."""
+  root = root or tempfile.gettempdir()
+  removed = []
+  for name in os.listdir(root):
+    pid = name[len(DISK_CACHE_PREFIX):].split("-", 1)[0]
+    if name.startswith(DISK_CACHE_PREFIX) and pid.isdigit() and not run_state.process_alive(pid):
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      removed.append(name)
+  if removed:
+    logging.info("removed %d disk cache(s) left by ended processes in %s", len(removed), root)
+  return removed
 
 
 SHUFFLE_BUFFER = 10_000  # examples; a split no larger is shuffled whole

@@ -235,8 +235,9 @@ def _store(path: str):
   return _BestEffortStore(path)
 
 
-def _alive(pid) -> bool:
-  """Whether process `pid` of this host still runs (a job killed here leaves its lease behind)."""
+def process_alive(pid) -> bool:
+  """Whether process `pid` of this host still runs (a job killed here leaves its lease, and its
+  disk cache, behind)."""
   try:
     os.kill(int(pid), 0)
   except (ProcessLookupError, TypeError, ValueError):
@@ -292,7 +293,7 @@ class Lease:
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
           current.get("fingerprint") == self.fingerprint)
       expired = current.get("expires", 0) < time.time()
-      dead = current.get("host") == socket.gethostname() and not _alive(current.get("pid"))
+      dead = current.get("host") == socket.gethostname() and not process_alive(current.get("pid"))
       if text is None:  # released in the meantime
         taken = self._store.create(self._record())
       else:

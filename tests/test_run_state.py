@@ -342,6 +342,18 @@ def test_a_lease_far_in_the_future_is_named_with_its_date(tmp_path):
     run_state.Lease(str(model_dir), {}).acquire()
 
 
+def test_a_killed_jobs_disk_cache_is_removed_at_the_next_start(tmp_path):
+  import subprocess
+  gone = subprocess.Popen(["true"])  # a pid that no longer runs
+  gone.wait()
+  (tmp_path / f"{data.DISK_CACHE_PREFIX}{gone.pid}-abc").mkdir()
+  (tmp_path / f"{data.DISK_CACHE_PREFIX}{gone.pid}-abc" / "train_0.data").write_bytes(b"decoded")
+  (tmp_path / f"{data.DISK_CACHE_PREFIX}{os.getpid()}-def").mkdir()  # a running process's
+  (tmp_path / "other").mkdir()
+  assert data.remove_stale_disk_caches(str(tmp_path)) == [f"{data.DISK_CACHE_PREFIX}{gone.pid}-abc"]
+  assert sorted(os.listdir(tmp_path)) == [f"{data.DISK_CACHE_PREFIX}{os.getpid()}-def", "other"]
+
+
 class _FlakyStore:
   """A lease store whose renewals fail `failures` times (a network error), then answer `then`."""
 
