@@ -187,6 +187,29 @@ def test_the_synthetic_sets_least_size_is_the_one_its_help_says(tmp_path):
   assert "Number of images (≥ 300," in helped
 
 
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_backup_ends_in_one_line_naming_the_file(shards_dir, tmp_path):
+  """140 MB: room for the best model (95 MB at 32 px), none for the stage's backup of the same
+  weights (.weights.h5). h5py used to leave that file open; HDF5's second flush at exit, with
+  the disk still full, killed the process (exit 139) after the one line."""
+  full = tmp_path / "full"
+  full.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=140m", "tmpfs", str(full)], capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    result = subprocess.run([sys.executable, "-m", "job.train", f"--data_dir={shards_dir}", f"--model_dir={full / 'run'}",
+                             "--weights=none", "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1",
+                             "--stage2_epochs=1", "--noserving"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on the device of {full}/run/backup/stage1/latest.weights.h5: free some space and "
+        "rerun (what was there before is kept)")
+    assert (full / "run" / "best_model.keras").stat().st_size > 0  # the best model written before is whole
+    assert not [f for f in os.listdir(full / "run" / "backup" / "stage1") if ".tmp-" in f]
+  finally:
+    subprocess.run(["umount", str(full)], check=False)
+
+
 def test_a_csv_that_is_not_utf8_names_its_row(small_copy):
   path = small_copy / "HAM10000_metadata.csv"
   lines = path.read_bytes().split(b"\n")

@@ -11,6 +11,7 @@ appears only when its upload completes) into place.
 """
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -89,7 +90,14 @@ def local_copy_then_upload(path: str, suffix: str = ""):
   os.close(fd)
   os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact is as readable as any file
   try:
-    yield tmp
+    try:
+      yield tmp
+    except (OSError, tf.errors.ResourceExhaustedError) as e:
+      if cli.is_disk_full(e):  # Python's and h5py's errors name no file: say which
+        _release_a_full_write(tmp)
+        raise cli.UserError(f"no space left on the device of {path}: free some space and rerun (what was "
+                            "there before is kept)") from None
+      raise
     if directory is not None:
       os.replace(tmp, path)
     else:
@@ -136,6 +144,18 @@ def folder_written_whole(path: str, last: tuple[str, ...] = ()):
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
+
+
+def _release_a_full_write(tmp: str):
+  """Frees the space a write that filled the disk took, before anything else touches the file. A
+  Keras .h5 save that failed for want of space leaves HDF5 holding the file open with data still
+  to flush; at the interpreter's exit HDF5 flushes it again, fails, and the process dies with a
+  segmentation fault after the job's one-line error. Emptied, the file gives that flush room."""
+  try:
+    os.truncate(tmp, 0)
+  except OSError:
+    pass
+  gc.collect()  # h5py's handles of the file go now, their flush with room to succeed
 
 
 def remove_temporaries(folder: str) -> list[str]:
