@@ -41,6 +41,12 @@ def is_disk_full(error: BaseException) -> bool:
   return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
+def is_read_only(error: BaseException) -> bool:
+  """A write refused by a read-only filesystem (a volume remounted read-only mid-run), whichever
+  writer met it: Python's, h5py's, or TensorFlow's (the TensorBoard callback's event files)."""
+  return getattr(error, "errno", None) == errno.EROFS or "Read-only file system" in str(error)
+
+
 def define_common_flags():
   if "traceback" not in FLAGS:
     flags.DEFINE_bool("traceback", False, "On an error, show the full traceback, not one line.")
@@ -78,11 +84,14 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | No
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      if FLAGS.traceback or not (isinstance(e, USER_ERRORS) or is_disk_full(e)):
+      if FLAGS.traceback or not (isinstance(e, USER_ERRORS) or is_disk_full(e) or is_read_only(e)):
         raise
       message = str(e).strip() or type(e).__name__
       if is_disk_full(e) and not isinstance(e, UserError):
         message = f"no space left on device ({message.splitlines()[0][:300]}): free some space and rerun"
+      elif is_read_only(e) and not isinstance(e, UserError):
+        message = (f"a read-only filesystem refused a write ({message.splitlines()[0][:300]}): make the folder "
+                   "writable again and rerun (a training run resumes where it stopped)")
       print(f"error: {message}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 
