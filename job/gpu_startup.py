@@ -18,10 +18,11 @@ That serves the trainer image, a VM and a workstation installed with `.[gpu]` al
 environment to set before the process starts. tests/test_gpu_startup.py shows it under a
 stand-in NVIDIA driver: without the preload TensorFlow lists no GPU.
 
-When TensorFlow still sees fewer GPUs than the job was given, `start_in_a_fresh_process`
-repeats its start-up in a child process with its loader's own lines turned on (a missing
-cuDNN sub-library aborts the process that loads it), and `diagnose` names the first library
-that failed, or the driver's error.
+For a job given GPUs, the guard (job/accelerators.py) first has TensorFlow start in a child
+process, `start_in_a_fresh_process`, with its loader's own lines turned on: a missing cuDNN
+sub-library aborts the process that loads it, so the job's own process starts TensorFlow's
+GPU runtime only once the child has. Where the child saw fewer GPUs than given, `diagnose`
+names the driver's error or the first library TensorFlow (or cuDNN) failed to open.
 """
 
 import ctypes
