@@ -235,10 +235,14 @@ def guard(expected: Expected | None):
   def as_given(names: list[str] | None) -> bool:
     return names is not None and len(names) == expected.count and not [n for n in names if gpu and not gpu.matches(n)]
 
+  what = f"{expected.count} × {expected.accelerator}"
+  driver_failed = gpu_startup.driver_failure()
+  if driver_failed:  # no driver, or one that does not start: nothing for TensorFlow to register
+    raise cli.UserError(f"accelerator check: expected {what} ({expected.source}), TensorFlow sees 0 GPU(s); "
+                        f"{build_versions()}; {driver_failed}. Nothing was read or written.")
   # A fresh process first: what aborts there (a missing cuDNN sub-library) cannot abort the job.
   started = gpu_startup.start_in_a_fresh_process()
   names = visible_gpus() if as_given(started.gpus) else started.gpus or []
-  what = f"{expected.count} × {expected.accelerator}"
   if as_given(names):
     from job import distribute_utils  # pylint: disable=g-import-not-at-top  (it loads TensorFlow)
     several = expected.count > 1 or distribute_utils.cluster_size_from_tf_config() > 1

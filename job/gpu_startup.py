@@ -184,6 +184,11 @@ def _library_failure(log: str) -> str | None:
   return None
 
 
+def driver_failure(load=ctypes.CDLL) -> str | None:
+  """Why the NVIDIA driver cannot serve TensorFlow (missing, not NVIDIA's, cuInit failing), or None."""
+  return _driver_failure(load)[0]
+
+
 def _driver_failure(load) -> tuple[str | None, str]:
   """(why the driver failed, or None; what it says of itself)."""
   try:

@@ -12,6 +12,7 @@ variant's packages, about 3.6 GB, into ~/.cache/ham10000-resnet50/).
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -30,12 +31,20 @@ class Image:
   driver: str  # the folder the stand-in driver is in
   site_packages: str
 
-  def run(self, args, extra_env=None, timeout=300):
+  def start(self, args, extra_env=None):
+    """Starts `args` in the image's environment; returns what waits for it: (result, seconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA_", "TF_", "AIP_", "CLOUD_ML_"))}
     env.update(self.env, PYTHONPATH=REPO, **(extra_env or {}))
-    start = time.monotonic()
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    return result, time.monotonic() - start
+    begun = time.monotonic()
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def finish(timeout):
+      stdout, stderr = process.communicate(timeout=timeout)
+      return subprocess.CompletedProcess(args, process.returncode, stdout, stderr), time.monotonic() - begun
+    return finish
+
+  def run(self, args, extra_env=None, timeout=300):
+    return self.start(args, extra_env)(timeout)
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +54,6 @@ def image(tmp_path_factory):
   gpu_stand_in.build_driver(driver)
   python = gpu_stand_in.linked_copy(gpu_stand_in.gpu_environment(), str(root / "venv"))
   return Image(python, env, driver, gpu_stand_in.site_packages(python))
-
-
-@pytest.fixture
-def without(image):
-  """Takes a file out of the image (a path under site-packages, or the driver folder's), and puts
-  it back afterwards."""
-  taken = []
-
-  def take(path):
-    hidden = path + ".taken-out"
-    os.rename(path, hidden)
-    taken.append((hidden, path))
-
-  yield take
-  for hidden, path in taken:
-    os.rename(hidden, path)
 
 
 def test_the_image_reads_the_driver_from_where_the_host_mounts_it():
@@ -84,20 +77,39 @@ def test_tensorflow_registers_the_stand_in_gpu_and_names_it(image, tmp_path):
   assert result.returncode == 3
 
 
-@pytest.mark.parametrize("gpus, taken_out, named", [
-    (1, "nvidia/cusolver/lib/libcusolver.so.11", "libcusolver.so.11"),  # off TensorFlow's own search path
-    (1, "nvidia/cudnn/lib/libcudnn_graph.so.9", "cuDNN could not open libcudnn_graph.so.9"),  # aborts its process
-    (1, "DRIVER/libnvidia-ml.so.1", "libnvidia-ml.so.1"),
-    (1, "nvidia/cuda_nvrtc/lib/libnvrtc.so.12", "libnvrtc.so.12 cannot be found"),  # cuDNN's, not at start-up
-    (2, "nvidia/nccl/lib/libnccl.so.2", "libnccl.so.2 cannot be found"),  # opened at the first collective
-])
-def test_the_accelerator_check_names_the_missing_library_within_a_minute(image, without, gpus, taken_out, named):
-  without(os.path.join(image.driver, taken_out[len("DRIVER/"):]) if taken_out.startswith("DRIVER/")
-          else os.path.join(image.site_packages, taken_out))
-  command, env = container_command_for("g2-standard-24" if gpus == 2 else "g2-standard-8", python=image.python)
-  assert env == {"EXPECTED_ACCELERATOR": f"NVIDIA_L4:{gpus}"}
-  result, seconds = image.run(command, {**env, "AIP_MODEL_DIR": "gs://b/r/model", "STAND_IN_GPU_COUNT": str(gpus)})
+# (GPUs given, the file taken out of the image, what the accelerator check's line must name)
+TAKEN_OUT = {
+    "cusolver": (1, "nvidia/cusolver/lib/libcusolver.so.11", "libcusolver.so.11"),  # off TensorFlow's search path
+    "cudnn_graph": (1, "nvidia/cudnn/lib/libcudnn_graph.so.9", "cuDNN could not open libcudnn_graph.so.9"),  # aborts
+    "nvml": (1, "DRIVER/libnvidia-ml.so.1", "libnvidia-ml.so.1"),
+    "nvrtc": (1, "nvidia/cuda_nvrtc/lib/libnvrtc.so.12", "libnvrtc.so.12 cannot be found"),  # cuDNN's, not at start-up
+    "nccl": (2, "nvidia/nccl/lib/libnccl.so.2", "libnccl.so.2 cannot be found"),  # opened at the first collective
+}
+
+
+@pytest.fixture(scope="module")
+def without_one_library(image, tmp_path_factory):
+  """Each case in an image of its own (a hard-linked copy, one file taken out), the command Vertex
+  AI would run started in all of them at once: (result, seconds) per case."""
+  started = {}
+  for case, (gpus, taken_out, _) in TAKEN_OUT.items():
+    root = tmp_path_factory.mktemp(f"without_{case}")
+    python = gpu_stand_in.linked_copy(image.python, str(root / "venv"))
+    env, driver = gpu_stand_in.image_environment(str(root))
+    shutil.copytree(image.driver, driver)
+    os.remove(os.path.join(driver, taken_out[len("DRIVER/"):]) if taken_out.startswith("DRIVER/")
+              else os.path.join(gpu_stand_in.site_packages(python), taken_out))
+    command, expected = container_command_for("g2-standard-24" if gpus == 2 else "g2-standard-8", python=python)
+    assert expected == {"EXPECTED_ACCELERATOR": f"NVIDIA_L4:{gpus}"}
+    copy = Image(python, env, driver, "")
+    started[case] = copy.start(command, {**expected, "AIP_MODEL_DIR": "gs://b/r/model", "STAND_IN_GPU_COUNT": str(gpus)})
+  return {case: finish(timeout=300) for case, finish in started.items()}
+
+
+@pytest.mark.parametrize("case", list(TAKEN_OUT))
+def test_the_accelerator_check_names_the_missing_library_within_a_minute(without_one_library, case):
+  result, seconds = without_one_library[case]
   line = result.stderr.strip().splitlines()[-1]
   assert result.returncode == 1 and line.startswith("error: accelerator check: "), result.stderr[-3000:]
-  assert named in line, line
+  assert TAKEN_OUT[case][2] in line, line
   assert "Traceback" not in result.stderr and seconds < 60, seconds

@@ -47,6 +47,21 @@ def is_read_only(error: BaseException) -> bool:
   return getattr(error, "errno", None) == errno.EROFS or "Read-only file system" in str(error)
 
 
+def one_line(error: Exception) -> str | None:
+  """What a command prints of an error the user can act on, or None for a bug (its traceback)."""
+  if not (isinstance(error, USER_ERRORS) or is_disk_full(error) or is_read_only(error)):
+    return None
+  message = str(error).strip() or type(error).__name__
+  if isinstance(error, UserError):
+    return message
+  if is_disk_full(error):
+    return f"no space left on device ({message.splitlines()[0][:300]}): free some space and rerun"
+  if is_read_only(error):
+    return (f"a read-only filesystem refused a write ({message.splitlines()[0][:300]}): make the folder "
+            "writable again and rerun (a training run resumes where it stopped)")
+  return message
+
+
 def define_common_flags():
   if "traceback" not in FLAGS:
     flags.DEFINE_bool("traceback", False, "On an error, show the full traceback, not one line.")
@@ -84,15 +99,10 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | No
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      if FLAGS.traceback or not (isinstance(e, USER_ERRORS) or is_disk_full(e) or is_read_only(e)):
+      line = None if FLAGS.traceback else one_line(e)
+      if line is None:
         raise
-      message = str(e).strip() or type(e).__name__
-      if is_disk_full(e) and not isinstance(e, UserError):
-        message = f"no space left on device ({message.splitlines()[0][:300]}): free some space and rerun"
-      elif is_read_only(e) and not isinstance(e, UserError):
-        message = (f"a read-only filesystem refused a write ({message.splitlines()[0][:300]}): make the folder "
-                   "writable again and rerun (a training run resumes where it stopped)")
-      print(f"error: {message}", file=sys.stderr)
+      print(f"error: {line}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 
   app.run(guarded_main)
