@@ -176,6 +176,7 @@ def test_the_preflight_says_the_cache_is_filling_only_while_it_is():
   assert not preflight.cache_still_filling("none", 17_700, steps=20, global_batch_size=64)
 
 
+@pytest.mark.slow  # a fresh TensorFlow process
 def test_preflight_refuses_no_steps_before_anything_starts():
   result = subprocess.run([sys.executable, "-m", "job.preflight", "--preflight_steps=0"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -173,6 +173,7 @@ def test_a_killed_export_leaves_the_served_folder_whole(trained_run, tmp_path):
   assert tf.saved_model.load(str(serving / "1")).signatures["serving_default"] is not None
 
 
+@pytest.mark.slow  # fresh TensorFlow processes
 def test_the_synthetic_sets_least_size_is_the_one_its_help_says(tmp_path):
   from tfrecords import synthetic
   with pytest.raises(cli.UserError, match=r"--num_images=299: need at least 300"):
