@@ -35,8 +35,8 @@ import re
 import subprocess
 import sys
 
-# soname → its folder under site-packages/nvidia (see the module's docstring)
-PRELOADED = {"libcusolver.so.11": "cusolver", "libnvrtc.so.12": "cuda_nvrtc"}
+# What TensorFlow and cuDNN cannot find in the wheels by themselves (see the module's docstring).
+PRELOADED = ("libcusolver.so.11", "libnvrtc.so.12")
 # Where pip's NVIDIA wheels put what TensorFlow and cuDNN open (site-packages/nvidia/<folder>/lib).
 WHEEL_FOLDERS = {"libcudart.so.12": "cuda_runtime", "libcublas.so.12": "cublas", "libcublasLt.so.12": "cublas",
                  "libcufft.so.11": "cufft", "libcusolver.so.11": "cusolver", "libcusparse.so.12": "cusparse",
@@ -90,11 +90,11 @@ def preload():
   if _preloaded or not nvidia_roots():
     return
   _tensorflow_loaded_first = "tensorflow" in sys.modules
-  for soname, folder in PRELOADED.items():
-    path = wheel_path(soname, folder)
+  for soname in PRELOADED:
+    path = wheel_path(soname, WHEEL_FOLDERS[soname])
     try:
       if path is None:
-        raise OSError(f"not in site-packages/nvidia/{folder}/lib")
+        raise OSError(f"not in site-packages/nvidia/{WHEEL_FOLDERS[soname]}/lib")
       ctypes.CDLL(path)
       _preloaded[soname] = path
     except OSError as e:
@@ -104,11 +104,9 @@ def preload():
 def resolves(soname: str) -> bool:
   """Whether a dlopen of `soname` would find it: loaded already, in a wheel folder TensorFlow
   searches, on LD_LIBRARY_PATH, or known to the system's loader."""
-  if os.path.exists(_preloaded.get(soname, "")):
+  if os.path.exists(_preloaded.get(soname, "")) or wheel_path(soname, WHEEL_FOLDERS[soname]):
     return True
-  folders = [os.path.join(root, name, "lib") for root in nvidia_roots() for name in os.listdir(root)]
-  folders += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
-  if any(os.path.exists(os.path.join(d, soname)) for d in folders):
+  if any(os.path.exists(os.path.join(d, soname)) for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d):
     return True
   try:
     return soname in subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
@@ -135,7 +133,7 @@ def _wheel_advice(soname: str) -> str:
   return f"{where}install the package with its gpu extra (pip install '.[gpu]'), which brings every CUDA library"
 
 
-# --- When TensorFlow registers fewer GPUs than given ------------------------------------------
+# --- TensorFlow's start-up in a child process, and why it registered fewer GPUs --------------
 
 # Run by `start_in_a_fresh_process`: `import job` preloads, as in the job itself.
 _PROBE = ("import json, job\nfrom job import accelerators\n"

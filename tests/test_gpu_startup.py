@@ -29,7 +29,6 @@ class Image:
   python: str  # a hard-linked copy of the GPU environment: a library can be taken out of it
   env: dict
   driver: str  # the folder the stand-in driver is in
-  site_packages: str
 
   def start(self, args, extra_env=None):
     """Starts `args` in the image's environment; returns what waits for it: (result, seconds)."""
@@ -53,7 +52,7 @@ def image(tmp_path_factory):
   env, driver = gpu_stand_in.image_environment(str(root))
   gpu_stand_in.build_driver(driver)
   python = gpu_stand_in.linked_copy(gpu_stand_in.gpu_environment(), str(root / "venv"))
-  return Image(python, env, driver, gpu_stand_in.site_packages(python))
+  return Image(python, env, driver)
 
 
 def test_the_image_reads_the_driver_from_where_the_host_mounts_it():
@@ -101,7 +100,7 @@ def without_one_library(image, tmp_path_factory):
               else os.path.join(gpu_stand_in.site_packages(python), taken_out))
     command, expected = container_command_for("g2-standard-24" if gpus == 2 else "g2-standard-8", python=python)
     assert expected == {"EXPECTED_ACCELERATOR": f"NVIDIA_L4:{gpus}"}
-    copy = Image(python, env, driver, "")
+    copy = Image(python, env, driver)
     started[case] = copy.start(command, {**expected, "AIP_MODEL_DIR": "gs://b/r/model", "STAND_IN_GPU_COUNT": str(gpus)})
   return {case: finish(timeout=300) for case, finish in started.items()}
 
