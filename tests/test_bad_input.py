@@ -259,13 +259,14 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def tiny_inference(image_size=32):
-  """An InferenceModel of a small classifier: what predict and the export need, without a run."""
+  """An ensemble of one small classifier: what predict and the export need, without a run."""
   import keras
-  from job import predict
+  from job import ensemble
   from tfrecords import features
   inputs = keras.Input((None, None, 3))
   outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
-  return predict.InferenceModel(keras.Model(inputs, outputs), image_size, features.CLASS_NAMES, 1.0)
+  member = ensemble.Member("tiny", keras.Model(inputs, outputs), image_size, features.CLASS_NAMES, None)
+  return ensemble.Ensemble("tiny", (member,))
 
 
 def test_every_header_says_the_image_size_before_anything_is_decoded():

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import NUM_IMAGES, REPO, run_module, wait_until
-from tfrecords import convert, features, fileio, sources, split as split_lib, synthetic
+from tfrecords import convert, features, fileio, manifest as manifest_lib, sources, split as split_lib, synthetic
 
 
 def read_shards(pattern):
@@ -132,6 +132,141 @@ def test_resize_at_conversion_records_size(source, tmp_path):
   assert int(example["image/height"]) == int(example["image/width"]) == 64
 
 
+# --- folds (--folds) ---------------------------------------------------------------------------
+
+NUM_FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def folded_dir(source, tmp_path_factory):
+  """shards_dir's conversion with --folds=3."""
+  out = str(tmp_path_factory.mktemp("folded"))
+  convert.convert(source, out, convert.Settings(source=source.description, folds=NUM_FOLDS), workers=2)
+  return out
+
+
+def folds_of_shards(pattern) -> dict[str, int]:
+  """image_id → the fold its example records (features.NO_FOLD where it has none)."""
+  keys = [features.SOURCE_ID, features.FOLD]
+  return {example[features.SOURCE_ID].numpy().decode(): int(example[features.FOLD])
+          for example in map(lambda r: features.parse_example(r, keys),
+                             tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)))}
+
+
+def test_assign_folds_by_lesion_stratified_and_independent_of_row_order(source):
+  metadata = source.metadata
+  split = split_lib.split_by_lesion(metadata, seed=3)
+  fold = split_lib.assign_folds(metadata, split, 4, seed=3)
+  assert fold.dtype == np.int64 and fold.name == "fold"
+  assert ((fold == -1) == (split == "test")).all() and set(fold[fold >= 0]) == {0, 1, 2, 3}
+  assert (fold.groupby(metadata["lesion_id"]).nunique() == 1).all()
+  table = pd.crosstab(metadata["dx"][fold >= 0], fold[fold >= 0], normalize="columns")
+  overall = metadata["dx"][fold >= 0].value_counts(normalize=True)
+  assert (table > 0).all().all()  # every class in every fold
+  assert (table.sub(overall, axis=0).abs() < 0.06).all().all()
+  shuffled = metadata.sample(frac=1, random_state=0).reset_index(drop=True)
+  again = split_lib.assign_folds(shuffled, split_lib.split_by_lesion(shuffled, seed=3), 4, seed=3)
+  by_image = lambda frame, values: pd.Series(values.to_numpy(), index=frame["image_id"]).sort_index()
+  assert by_image(shuffled, again).equals(by_image(metadata, fold))
+  assert not fold.equals(split_lib.assign_folds(metadata, split, 4, seed=4))
+  folded = split_lib.split_of_folds(split, fold)
+  assert (folded[split == "test"] == "test").all() and (folded[fold == 0] == "validation").all()
+  assert (folded[fold > 0] == "train").all()
+
+
+def test_assign_folds_refuses_too_few_lesions_and_check_folds_names_what_is_wrong(source):
+  metadata = source.metadata
+  split = split_lib.split_by_lesion(metadata)
+  with pytest.raises(convert.cli.UserError, match=r"lesions outside the test split are too few .*--folds=500"):
+    split_lib.assign_folds(metadata, split, 500)
+  with pytest.raises(convert.cli.UserError, match=r"--folds=1 must be at least 2"):
+    split_lib.assign_folds(metadata, split, 1)
+  fold = split_lib.assign_folds(metadata, split, NUM_FOLDS)
+  lesion = metadata["lesion_id"][metadata["lesion_id"].duplicated() & (fold >= 0)].iloc[0]
+  rows = metadata.index[metadata["lesion_id"] == lesion]
+  crossed = fold.copy()
+  crossed[rows[0]] = (fold[rows[1]] + 1) % NUM_FOLDS
+  with pytest.raises(AssertionError, match="cross folds"):
+    split_lib.check_folds(metadata, split, crossed, NUM_FOLDS)
+  emptied = fold.copy()
+  emptied[(metadata["dx"] == "df") & (fold == 2)] = 1
+  with pytest.raises(convert.cli.UserError, match="fold 2 has no image of class df"):
+    split_lib.check_folds(metadata, split, emptied, NUM_FOLDS)
+
+
+def test_folded_conversion_keeps_the_test_split_and_records_folds(folded_dir, shards_dir):
+  manifest = json.load(open(os.path.join(folded_dir, "manifest.json")))
+  unfolded = json.load(open(os.path.join(shards_dir, "manifest.json")))
+  assert manifest["splits"]["test"] == unfolded["splits"]["test"]  # the same shards, byte for byte
+  assert manifest["settings"]["folds"] == NUM_FOLDS and manifest["folds"]["count"] == NUM_FOLDS
+  table = pd.read_csv(os.path.join(folded_dir, "split.csv"), dtype={"fold": "Int64"}).set_index("image_id")
+  before = pd.read_csv(os.path.join(shards_dir, "split.csv")).set_index("image_id")
+  assert set(table.index[table["split"] == "test"]) == set(before.index[before["split"] == "test"])
+  assert table["fold"][table["split"] == "test"].isna().all()
+  assert (table["fold"][table["split"] == "validation"] == 0).all()
+  assert set(table["fold"][table["split"] == "train"]) == set(range(1, NUM_FOLDS))
+  assert (table.groupby("lesion_id")["fold"].nunique(dropna=False) == 1).all()  # folds lesion-disjoint
+  written = {split: folds_of_shards(os.path.join(folded_dir, f"{split}-*.tfrecord")) for split in features.SPLITS}
+  assert set(written["validation"].values()) == {0}
+  assert set(written["test"].values()) == {features.NO_FOLD}
+  for split in ("train", "validation"):
+    assert written[split] == table["fold"][table["split"] == split].astype(int).to_dict()
+  for info in manifest["folds"]["per_fold"]:
+    rows = table[table["fold"] == info["fold"]]
+    assert info["num_examples"] == len(rows) and info["num_lesions"] == rows["lesion_id"].nunique()
+    assert info["class_counts"] == {dx: int((rows["dx"] == dx).sum()) for dx in features.CLASS_NAMES}
+    assert all(info["class_counts"].values())  # every class in every fold
+  assert manifest["folds"]["per_fold"][0]["num_examples"] == manifest["splits"]["validation"]["num_examples"]
+  raw = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(
+      tf.io.gfile.glob(os.path.join(folded_dir, "test-*.tfrecord"))))).numpy())
+  assert features.FOLD not in raw.features.feature
+
+
+def test_fold_split_info_sums_the_chosen_folds(folded_dir, shards_dir):
+  manifest = manifest_lib.read(folded_dir)
+  assert manifest_lib.num_folds(manifest) == NUM_FOLDS
+  per_fold = manifest["folds"]["per_fold"]
+  shards = [os.path.join(folded_dir, s["name"]) for split in ("train", "validation")
+            for s in manifest["splits"][split]["shards"]]
+  validation = manifest_lib.fold_split_info(folded_dir, manifest, 1, "validation")
+  train = manifest_lib.fold_split_info(folded_dir, manifest, 1, "train")
+  assert (validation.name, validation.folds, train.name, train.folds) == (
+      "fold-1 validation", (1,), "fold-1 train", (0, 2))
+  assert sorted(validation.files) == sorted(train.files) == sorted(shards)
+  assert validation.num_examples == per_fold[1]["num_examples"]
+  assert train.num_examples == per_fold[0]["num_examples"] + per_fold[2]["num_examples"]
+  assert validation.class_counts == [per_fold[1]["class_counts"][dx] for dx in manifest_lib.class_names(manifest)]
+  assert [a + b for a, b in zip(train.class_counts, validation.class_counts)] == [
+      manifest["splits"]["train"]["class_counts"][dx] + manifest["splits"]["validation"]["class_counts"][dx]
+      for dx in manifest_lib.class_names(manifest)]
+  assert manifest_lib.split_info(folded_dir, manifest, "test").folds is None
+  with pytest.raises(convert.cli.UserError, match=r"--fold=3 is outside 0\.\.2"):
+    manifest_lib.fold_split_info(folded_dir, manifest, 3, "train")
+  unfolded = manifest_lib.read(shards_dir)
+  assert manifest_lib.num_folds(unfolded) == 0
+  with pytest.raises(convert.cli.UserError, match=r"converted without --folds; convert again with --folds=K"):
+    manifest_lib.fold_split_info(shards_dir, unfolded, 0, "validation")
+
+
+def test_an_unfolded_conversion_records_no_fold(shards_dir):
+  manifest = json.load(open(os.path.join(shards_dir, "manifest.json")))
+  assert "folds" not in manifest and "folds" not in manifest["settings"]
+  assert "folds" not in json.load(open(os.path.join(shards_dir, "plan.json")))["settings"]
+  assert list(pd.read_csv(os.path.join(shards_dir, "split.csv")).columns) == ["image_id", "lesion_id", "dx", "split"]
+  for record in tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(shards_dir, "validation-*.tfrecord"))):
+    assert features.FOLD not in tf.train.Example.FromString(record.numpy()).features.feature
+
+
+def test_a_folded_conversion_resumes_with_its_folds(source, folded_dir, tmp_path):
+  out = tmp_path / "resumed"
+  shutil.copytree(folded_dir, out)
+  finished = json.load(open(out / "manifest.json"))
+  os.remove(out / "manifest.json")
+  os.remove(out / "validation-00001-of-00004.tfrecord")
+  manifest = convert.convert(source, str(out), convert.Settings(source=source.description, folds=NUM_FOLDS))
+  assert manifest["splits"] == finished["splits"] and manifest["folds"] == finished["folds"]
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -197,11 +332,18 @@ def test_a_stray_copy_of_an_image_is_never_read_and_differing_twins_are_named(sm
 @pytest.mark.parametrize("setting, value, named", [("jpeg_quality", 500, "--jpeg_quality=500"),
                                                     ("jpeg_quality", 0, "--jpeg_quality=0"),
                                                     ("seed", -1, "--seed=-1"),
-                                                    ("image_size", 100_000, "--image_size=100000")])
+                                                    ("image_size", 100_000, "--image_size=100000"),
+                                                    ("folds", 1, "--folds=1"), ("folds", -2, "--folds=-2")])
 def test_settings_that_cannot_work_are_named(setting, value, named):
   with pytest.raises(convert.cli.UserError, match=re.escape(named)):
     convert.validate(convert.Settings(source="x", **{setting: value}))
   convert.validate(convert.Settings(source="x"))
+
+
+def test_folds_with_an_external_set_are_refused():
+  with pytest.raises(convert.cli.UserError, match=r"--folds=3 cannot go with --external"):
+    convert.validate(convert.Settings(source="x", folds=3, external=True))
+  convert.validate(convert.Settings(source="x", folds=3))
 
 
 def _unreadable(root, image_ids):
@@ -456,6 +598,14 @@ def test_the_lesion_check_runs_over_the_shards_written():
   with pytest.raises(convert.ConversionError, match="image a is in two shards"):
     convert.check_written({"train-00000-of-00002.tfrecord": shard(["a"], ["L1"]),
                            "train-00001-of-00002.tfrecord": shard(["a"], ["L1"])})
+  folded = lambda images, lesions, folds: {**shard(images, lesions), "folds": folds}
+  convert.check_written({"train-00000-of-00001.tfrecord": folded(["a", "b"], ["L1", "L2"], [1, 2]),
+                         "validation-00000-of-00001.tfrecord": folded(["c"], ["L3"], [0]),
+                         "test-00000-of-00001.tfrecord": folded(["d"], ["L4"], [-1])}, num_folds=3)
+  with pytest.raises(convert.ConversionError, match="lesion L1 is in folds 1 and 2"):
+    convert.check_written({"train-00000-of-00001.tfrecord": folded(["a", "b"], ["L1", "L1"], [1, 2])}, num_folds=3)
+  with pytest.raises(convert.ConversionError, match="image c in validation-00000-of-00001.tfrecord records fold 1"):
+    convert.check_written({"validation-00000-of-00001.tfrecord": folded(["c"], ["L3"], [1])}, num_folds=3)
 
 
 @pytest.mark.slow

@@ -10,8 +10,13 @@ r"""Converts HAM10000 into lesion-aware, sharded TFRecords.
 into one split named `external`; `--train_data_dir` makes sure it shares no
 image with the conversion the model was trained on.
 
+`--folds=K` deals the lesions outside the test split into K folds for
+cross-validation (split.py): validation holds fold 0, train the others, each
+of their examples records its fold (features.FOLD), and the test split is the
+one the same conversion without --folds writes, shard for shard.
+
 The output folder receives, in this order: `plan.json` (the settings) and
-`split.csv` (image_id, lesion_id, dx, split); the shards, each written under a
+`split.csv` (image_id, lesion_id, dx, split, and fold with --folds); the shards, each written under a
 temporary name and moved into place; `label_map.json`; the TFDS metadata
 (tfds_metadata.py); `manifest.json` last.
 A folder without `manifest.json` is an unfinished conversion: rerunning the
@@ -58,9 +63,20 @@ class Settings:
   test_fraction: float = 0.15
   seed: int = 0
   external: bool = False
+  folds: int = 0  # last, with a default: 0 (no folds) is left out of the records (settings_record)
 
 
 _DEFAULT = Settings(source="kaggle")
+
+
+def settings_record(settings: Settings) -> dict:
+  """The settings as plan.json and the manifest record them: without `folds` when there are none,
+  so an unfolded conversion's files (and its staging folder's name) are what they were before
+  --folds existed."""
+  record = dataclasses.asdict(settings)
+  if not record["folds"]:
+    del record["folds"]
+  return record
 
 
 MAX_IMAGE_SIZE = 4096  # HAM10000's images are 600×450: larger only upsamples, at great cost
@@ -92,6 +108,9 @@ def define_flags():
   flags.DEFINE_bool("external", _DEFAULT.external, "A labelled set not to split (an outside test set such "
                     "as ISIC 2018's Validation or Test): one split named `external`, --num_eval_shards "
                     "shards.")
+  flags.DEFINE_integer("folds", _DEFAULT.folds, "K ≥ 2: deal the lesions outside the test split into K "
+                       "folds by lesion, stratified by diagnosis, for cross-validation (validation holds "
+                       "fold 0, train folds 1..K-1; the test split is the one without --folds). 0: no folds.")
   flags.DEFINE_string("train_data_dir", None, "With --external: the conversion the model trains on; "
                       "images it holds are refused.")
 
@@ -132,7 +151,7 @@ def write_shard(task: ShardTask) -> dict:
   """Writes one shard under a temporary name, then moves it into place; returns its stats."""
   final = fileio.join(task.output_dir, task.name)
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
-  skipped, image_ids, lesion_ids = [], [], []
+  skipped, image_ids, lesion_ids, classes, folds = [], [], [], [], []
   with fileio.local_copy_then_upload(final) as tmp, _full_disk_named(final):
     with tf.io.TFRecordWriter(tmp) as writer:
       for row, ref in task.rows:
@@ -150,9 +169,12 @@ def write_shard(task: ShardTask) -> dict:
         class_counts[row["dx"]] += 1
         image_ids.append(str(row["image_id"]))
         lesion_ids.append(str(row["lesion_id"]))
+        classes.append(row["dx"])
+        folds.append(int(row.get("fold", features.NO_FOLD)))
     sha256 = fileio.sha256_of(tmp)
   return {"name": task.name, "num_examples": sum(class_counts.values()), "class_counts": class_counts,
-          "sha256": sha256, "skipped": skipped, "image_ids": image_ids, "lesion_ids": lesion_ids}
+          "sha256": sha256, "skipped": skipped, "image_ids": image_ids, "lesion_ids": lesion_ids,
+          "classes": classes, "folds": folds}
 
 
 def _plain(message: str) -> str:
@@ -178,23 +200,32 @@ def _full_disk_named(path: str):
 def stats_of_existing_shard(path: str) -> dict:
   """Counts of a shard a previous run finished (its name means it was complete)."""
   class_counts = dict.fromkeys(features.CLASS_NAMES, 0)
-  image_ids, lesion_ids = [], []
+  image_ids, lesion_ids, classes, folds = [], [], [], []
   for record in tf.data.TFRecordDataset(path):
-    example = features.parse_example(record, [features.LABEL, features.SOURCE_ID, features.LESION_ID])
-    class_counts[features.CLASS_NAMES[int(example[features.LABEL])]] += 1
+    example = features.parse_example(record, [features.LABEL, features.SOURCE_ID, features.LESION_ID,
+                                              features.FOLD])
+    classes.append(features.CLASS_NAMES[int(example[features.LABEL])])
+    class_counts[classes[-1]] += 1
     image_ids.append(example[features.SOURCE_ID].numpy().decode())
     lesion_ids.append(example[features.LESION_ID].numpy().decode())
+    folds.append(int(example[features.FOLD]))
   return {"name": os.path.basename(path), "num_examples": sum(class_counts.values()),
           "class_counts": class_counts, "sha256": fileio.sha256_of(path), "skipped": [],
-          "image_ids": image_ids, "lesion_ids": lesion_ids}
+          "image_ids": image_ids, "lesion_ids": lesion_ids, "classes": classes, "folds": folds}
 
 
 def shard_tasks(source: sources.Source, split: pd.Series, settings: Settings, output_dir: str,
-                skip_bad_images: bool = False) -> list[ShardTask]:
-  """One task per shard of the plan, for `write_shard`."""
+                skip_bad_images: bool = False, fold: pd.Series | None = None,
+                unfolded_split: pd.Series | None = None) -> list[ShardTask]:
+  """One task per shard of the plan, for `write_shard`. `fold` (--folds): each row's fold, which
+  its example records outside the test split; `unfolded_split`: see plan_shards."""
   records = source.metadata.to_dict("records")
+  if fold is not None:
+    for record, k in zip(records, fold.to_numpy()):
+      if k >= 0:
+        record["fold"] = int(k)
   tasks = []
-  for name, shards in plan_shards(source.metadata, split, settings).items():
+  for name, shards in plan_shards(source.metadata, split, settings, unfolded_split).items():
     for index, rows in enumerate(shards):
       pairs = tuple((records[i], source.images[records[i]["image_id"]]) for i in rows)
       tasks.append(ShardTask(output_dir, features.shard_name(name, index, len(shards)), pairs,
@@ -202,14 +233,21 @@ def shard_tasks(source: sources.Source, split: pd.Series, settings: Settings, ou
   return tasks
 
 
-def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings) -> dict[str, list[list[int]]]:
+def plan_shards(metadata: pd.DataFrame, split: pd.Series, settings: Settings,
+                unfolded_split: pd.Series | None = None) -> dict[str, list[list[int]]]:
   """Row indices per shard, per split: rows in image_id order (so the table's own order does not
-  matter), shuffled by the seed, then dealt round-robin."""
+  matter), shuffled by the seed, then dealt round-robin. `unfolded_split` (--folds: the split
+  before folding) makes the test shards those of the same conversion without --folds."""
   rng = np.random.default_rng(settings.seed)
   by_image = np.argsort(metadata["image_id"].to_numpy(dtype=str), kind="stable")
   plan = {}
   for name in split_names(settings):
     count = settings.num_train_shards if name == "train" else settings.num_eval_shards
+    if name == "test" and unfolded_split is not None:
+      # The draws the unfolded conversion makes before test's: its train and validation shuffles.
+      rng = np.random.default_rng(settings.seed)
+      for before in ("train", "validation"):
+        rng.permutation(int((unfolded_split == before).sum()))
     rows = rng.permutation(by_image[split.to_numpy()[by_image] == name])
     plan[name] = [rows[i::count].tolist() for i in range(count)]
   return plan
@@ -254,7 +292,7 @@ def _existing_state(output_dir: str, settings: Settings, overwrite: bool, source
 def staging_dir(output_dir: str, settings: Settings) -> str:
   """Where --overwrite writes the new conversion until it is finished: beside the old one, named
   by its settings, so that a rerun of the same command resumes it."""
-  key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+  key = json.dumps(settings_record(settings), sort_keys=True)
   return f"{output_dir.rstrip('/')}.overwrite-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -283,11 +321,18 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
             fingerprint: tuple[dict, dict] | None = None) -> dict:
   """Runs (or finishes) a conversion and returns its manifest. `fingerprint`: the source's,
   when already taken (sources.fingerprint reads every local image)."""
+  _validate_folds(settings)
+  fold = unfolded_split = None
   if settings.external:
     split = pd.Series(features.EXTERNAL, index=source.metadata.index, name="split")
   else:
     split = split_lib.split_by_lesion(source.metadata, settings.val_fraction, settings.test_fraction,
                                       settings.seed)
+    if settings.folds:
+      unfolded_split = split
+      fold = split_lib.assign_folds(source.metadata, split, settings.folds, settings.seed)
+      split = split_lib.split_of_folds(split, fold)
+      split_lib.check_split(source.metadata, split)
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise ConversionError(f"--output_dir={output_dir} is a file, not a folder")
   fileio.check_writable(output_dir, "--output_dir")  # made here if need be
@@ -310,14 +355,16 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
 
   # The plan first: a rerun compares its settings and source, a reader audits the split.
   split_table = source.metadata[["image_id", "lesion_id", "dx"]].assign(split=split)
+  if fold is not None:  # empty for test rows
+    split_table = split_table.assign(fold=fold.where(fold >= 0).astype("Int64"))
   fileio.write_json(fileio.join(output_dir, PLAN_FILE),
-                    {"format_version": manifest_lib.FORMAT_VERSION, "settings": dataclasses.asdict(settings),
+                    {"format_version": manifest_lib.FORMAT_VERSION, "settings": settings_record(settings),
                      "source_fingerprint": source_fingerprint,
                      "source_images": source_images})  # to name the images that change
   fileio.write_atomic(fileio.join(output_dir, SPLIT_FILE), split_table.to_csv(index=False))
 
   tasks, done = [], {}
-  for task in shard_tasks(source, split, settings, output_dir, skip_bad_images):
+  for task in shard_tasks(source, split, settings, output_dir, skip_bad_images, fold, unfolded_split):
     path = fileio.join(output_dir, task.name)
     if tf.io.gfile.exists(path):  # finished by an earlier run (shards appear whole, when done)
       done[task.name] = stats_of_existing_shard(path)
@@ -350,9 +397,9 @@ def convert(source: sources.Source, output_dir: str, settings: Settings, workers
     if bar:
       bar.close()
 
-  check_written(done)
+  check_written(done, settings.folds)
   manifest = _manifest(source, settings, split, done, source_fingerprint)
-  check_nothing_emptied(source, settings, split, manifest)
+  check_nothing_emptied(source, settings, split, manifest, fold)
   fileio.write_json(fileio.join(output_dir, manifest_lib.LABEL_MAP_FILE), features.LABEL_MAP)
   if not output_dir.startswith("ram://"):  # TFDS reads local and gs:// folders, not TensorFlow's ram://
     tfds_metadata.write(output_dir, manifest, features.CLASS_NAMES)
@@ -387,26 +434,43 @@ def _run(tasks, workers):
     yield from pool.imap_unordered(write_shard, ordered)
 
 
-def check_written(done: dict):
+def _folds_allowed(split: str, num_folds: int) -> range:
+  """The folds an example of `split` may record: validation holds fold 0, train the others."""
+  if not num_folds or split not in ("train", "validation"):
+    return range(features.NO_FOLD, features.NO_FOLD + 1)
+  return range(0, 1) if split == "validation" else range(1, num_folds)
+
+
+def check_written(done: dict, num_folds: int = 0):
   """Over the shards as written (resumed ones included), not only the plan: each image once,
-  and no lesion in two splits."""
-  split_of_lesion, seen = {}, set()
+  no lesion in two splits, and (--folds) each example's fold one its split holds, and no lesion
+  in two folds."""
+  split_of_lesion, fold_of_lesion, seen = {}, {}, set()
   for name, stats in sorted(done.items()):
     split = name.split("-", 1)[0]
-    for image_id, lesion_id in zip(stats["image_ids"], stats["lesion_ids"]):
+    allowed = _folds_allowed(split, num_folds)
+    folds = stats.get("folds") or [features.NO_FOLD] * len(stats["image_ids"])
+    for image_id, lesion_id, fold in zip(stats["image_ids"], stats["lesion_ids"], folds):
       if image_id in seen:
         raise ConversionError(f"image {image_id} is in two shards ({name} among them)")
       seen.add(image_id)
       if split_of_lesion.setdefault(lesion_id, split) != split:
         raise ConversionError(f"lesion {lesion_id} is in the {split_of_lesion[lesion_id]} and {split} "
                               f"splits ({name} among its shards)")
+      if fold not in allowed:
+        raise ConversionError(f"image {image_id} in {name} records fold {fold}, which the {split} split "
+                              f"of {f'--folds={num_folds}' if num_folds else 'a conversion without --folds'} "
+                              "does not hold")
+      if fold_of_lesion.setdefault(lesion_id, fold) != fold:
+        raise ConversionError(f"lesion {lesion_id} is in folds {fold_of_lesion[lesion_id]} and {fold} "
+                              f"({name} among its shards)")
 
 
-def check_nothing_emptied(source, settings, split, manifest: dict):
+def check_nothing_emptied(source, settings, split, manifest: dict, fold: pd.Series | None = None):
   """Skipped images (--skip_bad_images) may not empty the conversion, nor take every image of a
-  class out of a split that was planned with it: the split promises every class in every split
-  (an --external set, which is not split, may lack a class, but not be empty). Checked on the
-  manifest before it is written."""
+  class out of a split (or fold) that was planned with it: the split promises every class in
+  every split and fold (an --external set, which is not split, may lack a class, but not be
+  empty). Checked on the manifest before it is written."""
   if not manifest["num_examples"]:
     raise ConversionError(f"no image of {source.description} could be converted ({len(source.metadata)} "
                           "skipped as unreadable): nothing was finished; see the skipped images' errors above")
@@ -418,6 +482,15 @@ def check_nothing_emptied(source, settings, split, manifest: dict):
       if not manifest["splits"][name]["class_counts"][dx]:
         raise ConversionError(f"every {dx} image of the {name} split ({count}) was skipped as unreadable: "
                               f"the split would have no {dx}; fix or replace those images (the converter "
+                              "logged each), then rerun")
+  if fold is None:
+    return
+  for info in manifest["folds"]["per_fold"]:
+    planned = source.metadata["dx"][fold == info["fold"]].value_counts()
+    for dx, count in planned.items():
+      if not info["class_counts"][dx]:
+        raise ConversionError(f"every {dx} image of fold {info['fold']} ({count}) was skipped as unreadable: "
+                              f"the fold would have no {dx}; fix or replace those images (the converter "
                               "logged each), then rerun")
 
 
@@ -439,20 +512,37 @@ def _manifest(source, settings, split, done, source_fingerprint):
       "source_version": settings.kaggle_version if settings.source == "kaggle" else None,
       "metadata_file": source.metadata_path,
       "source_fingerprint": source_fingerprint,
-      "settings": dataclasses.asdict(settings),
+      "settings": settings_record(settings),
       "image_size": settings.image_size,
       "label_map": features.LABEL_MAP,
       "num_examples": sum(s["num_examples"] for s in splits.values()),
       "splits": splits,
+      **({"folds": _folds_manifest(settings.folds, done)} if settings.folds else {}),
       "skipped_images": [item for s in done.values() for item in s["skipped"]],
   }
+
+
+def _folds_manifest(num_folds: int, done: dict) -> dict:
+  """Per fold, as written (the way the splits are counted): examples, lesions, class counts."""
+  per_fold = [{"fold": k, "num_examples": 0, "lesions": set(), "class_counts": dict.fromkeys(features.CLASS_NAMES, 0)}
+              for k in range(num_folds)]
+  for stats in done.values():
+    for lesion_id, dx, fold in zip(stats["lesion_ids"], stats["classes"], stats["folds"]):
+      if fold >= 0:
+        per_fold[fold]["num_examples"] += 1
+        per_fold[fold]["lesions"].add(lesion_id)
+        per_fold[fold]["class_counts"][dx] += 1
+  return {"count": num_folds,
+          "per_fold": [{"fold": f["fold"], "num_examples": f["num_examples"], "num_lesions": len(f["lesions"]),
+                        "class_counts": f["class_counts"]} for f in per_fold]}
 
 
 def settings_from_flags() -> Settings:
   return Settings(source=FLAGS.source, kaggle_version=FLAGS.kaggle_version, image_size=FLAGS.image_size,
                   jpeg_quality=FLAGS.jpeg_quality, num_train_shards=FLAGS.num_train_shards,
                   num_eval_shards=FLAGS.num_eval_shards, val_fraction=FLAGS.val_fraction,
-                  test_fraction=FLAGS.test_fraction, seed=FLAGS.seed, external=FLAGS.external)
+                  test_fraction=FLAGS.test_fraction, seed=FLAGS.seed, external=FLAGS.external,
+                  folds=FLAGS.folds)
 
 
 def check_not_in_training(source: sources.Source, train_data_dir: str):
@@ -479,6 +569,14 @@ def validate(settings: Settings):
     raise cli.UserError(f"--jpeg_quality={settings.jpeg_quality} must be between 1 and 100")
   if settings.seed < 0:
     raise cli.UserError(f"--seed={settings.seed} must not be negative")
+  _validate_folds(settings)
+
+
+def _validate_folds(settings: Settings):
+  if settings.folds < 0 or settings.folds == 1:
+    raise cli.UserError(f"--folds={settings.folds} must be 0 (no folds) or at least 2")
+  if settings.folds and settings.external:
+    raise cli.UserError(f"--folds={settings.folds} cannot go with --external: an external set is not split")
 
 
 def _stop_on_sigterm(signum, frame):
@@ -506,6 +604,8 @@ def main(argv):
   for name, info in manifest["splits"].items():
     logging.info("%-10s %5d images, %4d lesions, %d shards", name, info["num_examples"],
                  info["num_lesions"], len(info["shards"]))
+  for info in manifest.get("folds", {}).get("per_fold", []):
+    logging.info("fold %-5d %5d images, %4d lesions", info["fold"], info["num_examples"], info["num_lesions"])
   if manifest["skipped_images"]:
     logging.warning("skipped %d images that failed to decode (listed in manifest.json)",
                     len(manifest["skipped_images"]))

@@ -23,6 +23,10 @@ AGE = "image/metadata/age"
 SEX = "image/metadata/sex"
 LOCALIZATION = "image/metadata/localization"
 DX_TYPE = "image/metadata/dx_type"  # leaks the label: audit only, never a model input
+# The cross-validation fold (tfrecords.convert --folds) of a train or validation example. Written
+# only then, so unfolded shards, and a folded conversion's test shards, are those without folds.
+FOLD = "image/fold"
+NO_FOLD = -1  # what parsing gives where an example has no fold
 
 # Index order of the seven HAM10000 diagnoses, as the converter labels them. The
 # converter writes `label_map.json` and the manifest's label map from this dict, so
@@ -142,6 +146,8 @@ def encode_example(*, jpeg: bytes, height: int, width: int, row: Mapping[str, An
       LOCALIZATION: _bytes(str(row.get("localization") or "")),
       DX_TYPE: _bytes(str(row.get("dx_type") or "")),
   }
+  if "fold" in row:
+    feature[FOLD] = _int64(row["fold"])
   example = tf.train.Example(features=tf.train.Features(feature=feature))
   return example.SerializeToString(deterministic=True)  # same bytes in every process
 
@@ -159,6 +165,7 @@ FEATURE_SPEC = {
     SEX: tf.io.FixedLenFeature([], tf.string, default_value=""),
     LOCALIZATION: tf.io.FixedLenFeature([], tf.string, default_value=""),
     DX_TYPE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    FOLD: tf.io.FixedLenFeature([], tf.int64, default_value=NO_FOLD),
 }
 
 

@@ -3,7 +3,8 @@
 `manifest.json` sits beside the shards and is written last, so a folder without
 it is an unfinished conversion. It gives the classes in index order
 (`label_map`), and per split the shards with their example counts and sha256
-checksums, and the class counts. The converter (tfrecords/convert.py) writes
+checksums, and the class counts; with --folds, per fold the example, lesion and
+class counts (`folds`). The converter (tfrecords/convert.py) writes
 it; the training job, the evaluation and the benchmarks read it through here,
 and take the classes from it rather than from a constant.
 """
@@ -24,11 +25,13 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
-  """One split's shards (full paths), example count and class counts (in class index order)."""
+  """One split's shards (full paths), example count and class counts (in class index order).
+  `folds`: the folds to keep of those shards' examples (features.FOLD), None for all of them."""
   name: str
   files: list[str]
   num_examples: int
   class_counts: list[int]
+  folds: tuple[int, ...] | None = None
 
 
 def read(data_dir: str) -> dict:
@@ -121,3 +124,30 @@ def split_info(data_dir: str, manifest: dict, split: str) -> SplitInfo:
   files = [fileio.join(data_dir, shard["name"]) for shard in info["shards"]]
   counts = [info["class_counts"].get(name, 0) for name in class_names(manifest)]
   return SplitInfo(split, files, info["num_examples"], counts)
+
+
+def num_folds(manifest: dict) -> int:
+  """The folds of a conversion made with --folds; 0 without."""
+  return int(manifest.get("folds", {}).get("count", 0))
+
+
+FOLD_ROLES = ("train", "validation")
+
+
+def fold_split_info(data_dir: str, manifest: dict, fold: int, role: str) -> SplitInfo:
+  """Cross-validation's split for `fold`: "validation" is that fold, "train" every other. Every
+  fold is in the train or the validation shards, so both are listed; a reader keeps the examples
+  whose features.FOLD is in `folds`."""
+  if role not in FOLD_ROLES:
+    raise ValueError(f"role {role!r} is not one of {FOLD_ROLES}")
+  count = num_folds(manifest)
+  if not count:
+    raise cli.UserError(f"--data_dir={data_dir} was converted without --folds; convert again with --folds=K")
+  if not 0 <= fold < count:
+    raise cli.UserError(f"--fold={fold} is outside 0..{count - 1}: --data_dir={data_dir} holds {count} folds")
+  chosen = (fold,) if role == "validation" else tuple(k for k in range(count) if k != fold)
+  per_fold = {info["fold"]: info for info in manifest["folds"]["per_fold"]}
+  files = [path for split in FOLD_ROLES for path in split_info(data_dir, manifest, split).files]
+  counts = [sum(per_fold[k]["class_counts"].get(name, 0) for k in chosen) for name in class_names(manifest)]
+  return SplitInfo(f"fold-{fold} {role}", files, sum(per_fold[k]["num_examples"] for k in chosen), counts,
+                   chosen)

@@ -263,7 +263,7 @@ def write_isic_dataset(output_dir: str, num_images: int = 600, seed: int = 0, la
 
 
 def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed: int = 0,
-                      num_train_shards: int = 16):
+                      num_train_shards: int = 16, folds: int = 0):
   """A synthetic dataset and its shards under `work_dir`, each made once per setting.
 
   Returns (images_dir, shards_dir, source); the demo and the benchmarks start here."""
@@ -273,9 +273,10 @@ def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed:
   if not os.path.exists(os.path.join(images_dir, sources.METADATA_FILE)):
     write_dataset(images_dir, num_images=num_images, seed=seed, workers=workers)
   source = sources.open_source(images_dir)
-  shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}_{image_size}_{num_train_shards}")
+  shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}_{image_size}_{num_train_shards}"
+                            + (f"_folds{folds}" if folds else ""))
   settings = convert.Settings(source=images_dir, image_size=image_size, seed=seed,
-                              num_train_shards=num_train_shards)
+                              num_train_shards=num_train_shards, folds=folds)
   convert.convert(source, shards_dir, settings, workers=workers)
   return images_dir, shards_dir, source
 
