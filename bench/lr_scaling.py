@@ -18,7 +18,7 @@ from absl import flags, logging
 from sklearn import metrics as skm
 
 from bench import common
-from job import artifacts, config as config_lib, evaluate, train
+from job import config as config_lib, ensemble, evaluate, train
 from tfrecords import cli, manifest
 
 FLAGS = flags.FLAGS
@@ -37,10 +37,9 @@ def define_flags():
   flags.DEFINE_string("work_dir", None, "Where the synthetic data goes (default: a temporary folder).")
 
 
-def validation_balanced_accuracy(model_dir: str, shards_dir: str, image_size: int) -> float:
+def validation_balanced_accuracy(model_dir: str, shards_dir: str) -> float:
   info = manifest.split_info(shards_dir, manifest.read(shards_dir), "validation")
-  class_names = artifacts.class_names(model_dir)
-  table = evaluate.predict_split(artifacts.load_best_model(model_dir), info, class_names, image_size)
+  table = evaluate.predict_split(ensemble.load([model_dir]), info)
   return float(skm.balanced_accuracy_score(table["label"], table["prediction"]))
 
 
@@ -60,7 +59,7 @@ def main(argv):
           stage2_epochs=FLAGS.stage2_epochs, mixed_precision="off", jit_compile="off",
           strategy="one_device", seed=seed, evaluate=False, serving=False)
       train.train_and_evaluate(cfg)
-      scores.append(validation_balanced_accuracy(cfg.model_dir, shards_dir, FLAGS.image_size))
+      scores.append(validation_balanced_accuracy(cfg.model_dir, shards_dir))
       logging.info("batch %d, %s scaling, seed %d: validation balanced accuracy %.3f", batch, scaling,
                    seed, scores[-1])
     results.append({"global_batch_size": batch, "lr_scaling": scaling, "seeds": FLAGS.seeds,

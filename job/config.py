@@ -64,6 +64,7 @@ class TrainConfig:
   serving: bool = True
   export_dir: str | None = None
   overwrite: bool = False
+  fold: int | None = None  # of a conversion with --folds: validate on it, train on the others
 
   @property
   def checkpoint_root(self) -> str:
@@ -162,6 +163,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   string("export_dir", d("export_dir"), "Where the serving SavedModel goes (default: "
          "--model_dir/serving/1, TF Serving's layout of a base folder and a version; "
          "$AIP_MODEL_DIR/serving/1 on Vertex AI).")
+  integer("fold", d("fold"), "Of shards converted with --folds=K: validate (early stopping, best "
+          "model, calibration) on fold k and train on the other K-1 (job.cross_validate trains them all). "
+          "Default: the validation and train shards as they are (fold 0 of a folded conversion).")
   boolean("overwrite", d("overwrite"), "Clear another run's state in --model_dir (and "
           "--checkpoint_dir) instead of stopping.")
 
@@ -194,6 +198,8 @@ def validated(cfg: TrainConfig) -> TrainConfig:
                "warmup_epochs"):
     if getattr(cfg, name) < 0:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must not be negative")
+  if cfg.fold is not None and cfg.fold < 0:
+    raise cli.UserError(f"--fold={cfg.fold} must not be negative")
   if cfg.stage1_epochs == cfg.stage2_epochs == 0:
     raise cli.UserError("--stage1_epochs=0 --stage2_epochs=0: nothing to train (at least one epoch in all)")
   if cfg.image_size < MIN_IMAGE_SIZE:

@@ -1,9 +1,10 @@
 """The input pipeline: shards → uint8 images at the training size, cached, batched.
 
-Three datasets, one per use: `train_dataset` (shuffled, repeated, full
-batches), `validation_dataset` (one pass, the last batch padded with rows that
-weigh nothing) and `prediction_dataset` (one pass with each image's ids and
-metadata, for evaluation). The number of classes is the manifest's.
+Three datasets, one per use: `train_batches` of `train_examples` (shuffled,
+repeated, full batches; one per stage), `validation_dataset` (one pass, the
+last batch padded with rows that weigh nothing) and `prediction_dataset` (one
+pass with each image's ids and metadata, for evaluation). The number of classes
+is the manifest's.
 
 list shards → interleave → parse → decode → resize → **cache uint8** →
 shuffle/repeat → batch uint8 → prefetch. Batching uint8 costs a quarter of
@@ -24,7 +25,7 @@ from absl import logging
 from sklearn.utils.class_weight import compute_class_weight
 
 from job import config as config_lib, run_state
-from tfrecords import features
+from tfrecords import features, manifest as manifest_lib
 from tfrecords.manifest import SplitInfo
 
 CACHE_MODES = config_lib.CACHE_MODES
@@ -47,7 +48,15 @@ def class_weights(class_counts: list[int]) -> np.ndarray:
 LABEL_OUTSIDE_MAP = "label outside the label_map"
 
 
-def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files: bool, seed: int = 0,
+def split_info(data_dir: str, manifest: dict, split: str, fold: int | None = None) -> SplitInfo:
+  """A split as a run sees it: a fold's run (job.train --fold) trains on the other folds of the
+  train and validation shards and validates on its own; the test split is every run's."""
+  if fold is not None and split in ("train", "validation"):
+    return manifest_lib.fold_split_info(data_dir, manifest, fold, split)
+  return manifest_lib.split_info(data_dir, manifest, split)
+
+
+def _decoded(info: SplitInfo, image_size: int | tuple[int, ...], keys: list[str], *, shuffle_files: bool, seed: int = 0,
              take: int | None = None) -> tf.data.Dataset:
   """(uint8 image at the training size, label, metadata dict) per example."""
   files = tf.data.Dataset.from_tensor_slices(info.files)
@@ -55,6 +64,10 @@ def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files
     files = files.shuffle(len(info.files), seed=seed)
   dataset = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(info.files), 16),
                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle_files)
+  if info.folds is not None:  # a fold's run (job.train --fold): its folds of the train and validation shards
+    wanted = tf.constant(info.folds, tf.int64)
+    dataset = dataset.filter(lambda record: tf.reduce_any(tf.equal(
+        features.parse_example(record, [features.FOLD])[features.FOLD], wanted)))
   if take:
     dataset = dataset.take(take)
 
@@ -63,7 +76,9 @@ def _decoded(info: SplitInfo, image_size: int, keys: list[str], *, shuffle_files
   def parse(record):
     example = features.parse_example(record, [features.IMAGE_ENCODED, features.LABEL, *keys])
     # Shards converted at the training size (`tfrecords.convert --image_size`) skip the resize.
-    image = features.decode_and_resize(example[features.IMAGE_ENCODED], image_size)
+    # Several sizes (an ensemble of members trained at different sizes): each from the original.
+    image = ({size: features.decode_and_resize(example[features.IMAGE_ENCODED], size) for size in image_size}
+             if isinstance(image_size, tuple) else features.decode_and_resize(example[features.IMAGE_ENCODED], image_size))
     metadata = {name: example[key] for name, key in METADATA_KEYS.items() if key in keys}
     # A label the manifest does not know would become an all-zero one-hot target, silently.
     known = tf.debugging.assert_less(example[features.LABEL], tf.constant(num_classes, tf.int64), message=(
@@ -143,19 +158,29 @@ def shuffle_buffer(num_examples: int) -> int:
   return min(num_examples, SHUFFLE_BUFFER)
 
 
-def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, seed: int = 0,
-                  take: int | None = None, cache: str = "memory", num_workers: int = 1) -> tf.data.Dataset:
-  """(uint8 images, one-hot labels) batches: shuffled, repeated forever, every batch full
-  (a static shape, as XLA and TPUs need).
+def train_examples(info: SplitInfo, image_size: int, *, seed: int = 0, take: int | None = None,
+                   cache: str = "memory") -> tf.data.Dataset:
+  """(uint8 image, label) per example, decoded once and cached: what every stage shuffles."""
+  dataset = _decoded(info, image_size, [], shuffle_files=True, seed=seed, take=take)
+  return _cached(dataset.map(lambda image, label, _: (image, label)), cache, "train")  # before any random op
+
+
+def train_batches(examples: tf.data.Dataset, info: SplitInfo, global_batch_size: int, *, seed: int = 0,
+                  num_workers: int = 1) -> tf.data.Dataset:
+  """(uint8 images, one-hot labels) batches of `train_examples`: shuffled, repeated forever,
+  every batch full (a static shape, as XLA and TPUs need).
+
+  Build one per `fit` (job/train.py: one per stage), each with its own seed. Every iterator
+  of one dataset draws its order from the shuffle's one reshuffle state, so a second `fit`
+  on the same dataset trained on one order or another from run to run, op determinism on
+  or not (the first fit's iterator, still running ahead, shares that state).
 
   Repeating means steps per epoch come from the manifest, so workers with
   unequal shares stay in step. Shards are split between workers by file, or by
   example where there are fewer shards than workers (a worker without a file
   would have nothing to train on). The class weights live in the loss
   (job/train.py), not here."""
-  dataset = _decoded(info, image_size, [], shuffle_files=True, seed=seed, take=take)
-  dataset = _cached(dataset.map(lambda image, label, _: (image, label)), cache, "train")  # before any random op
-  dataset = dataset.shuffle(shuffle_buffer(info.num_examples), seed=seed, reshuffle_each_iteration=True)
+  dataset = examples.shuffle(shuffle_buffer(info.num_examples), seed=seed, reshuffle_each_iteration=True)
   dataset = dataset.repeat()
   num_classes = len(info.class_counts)
   dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, num_classes)),
@@ -168,6 +193,13 @@ def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, s
                  num_workers, num_workers)
     policy = tf.data.experimental.AutoShardPolicy.DATA
   return _finish(dataset, policy)
+
+
+def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, seed: int = 0,
+                  take: int | None = None, cache: str = "memory", num_workers: int = 1) -> tf.data.Dataset:
+  """`train_batches` of `train_examples`, for one `fit` (benchmarks, the preflight)."""
+  examples = train_examples(info, image_size, seed=seed, take=take, cache=cache)
+  return train_batches(examples, info, global_batch_size, seed=seed, num_workers=num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +242,11 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
   return ValidationData(_finish(dataset, tf.data.experimental.AutoShardPolicy.DATA), num_examples, steps)
 
 
-def prediction_dataset(info: SplitInfo, image_size: int, batch_size: int, *,
+def prediction_dataset(info: SplitInfo, image_size: int | tuple[int, ...], batch_size: int, *,
                        take: int | None = None) -> tf.data.Dataset:
   """(uint8 images, one-hot labels, metadata dict) batches, one pass in file order, for
-  evaluation on one machine (the last batch may be smaller)."""
+  evaluation on one machine (the last batch may be smaller). A tuple of sizes gives the images
+  as {size: batch}, each resized from the original."""
   dataset = _decoded(info, image_size, list(METADATA_KEYS.values()), shuffle_files=False, take=take)
   num_classes = len(info.class_counts)
   dataset = dataset.map(lambda image, label, metadata: (image, tf.one_hot(label, num_classes), metadata))

@@ -37,7 +37,7 @@ from tfrecords import cli, fileio
 # draws differ compiled and not, so a run resumed with the other setting draws another stream.
 STAGE1_SETTINGS = ("image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
                    "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug",
-                   "jit_compile")
+                   "jit_compile", "fold")
 STAGE2_SETTINGS = STAGE1_SETTINGS + ("fine_tune_layers",)
 # Settings that records written before they were fingerprinted do not hold: not a difference.
 ADDED_LATER = ("jit_compile",)

@@ -21,7 +21,7 @@ from absl import logging
 
 from job import accelerators, artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
 from job import evaluate as evaluate_lib, keras_compat, model as model_lib, optimization, performance
-from job import predict, run_state
+from job import ensemble, predict, run_state
 from tfrecords import cli, fileio, manifest as manifest_lib, progress
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
@@ -35,7 +35,8 @@ class Run:
   strategy: tf.distribute.Strategy
   inner: keras.Model
   wrapper: keras.Model
-  train: tf.data.Dataset
+  train_examples: tf.data.Dataset  # decoded and cached once; each stage shuffles it with its own seed
+  train_info: data.SplitInfo
   validation: data.ValidationData
   steps_per_epoch: int
   steps_per_execution: int
@@ -45,6 +46,13 @@ class Run:
   manifest_sha256: str
   model_dir: str  # where this worker writes (a temporary folder on non-chief workers)
   chief: bool
+
+  def train_batches(self, stage: int) -> tf.data.Dataset:
+    """A stage's own training batches: a second `fit` on one dataset is not repeatable
+    (job/data.py, train_batches)."""
+    seed = int(np.random.SeedSequence([self.config.seed, stage]).generate_state(1)[0])
+    return data.train_batches(self.train_examples, self.train_info, self.config.global_batch_size, seed=seed,
+                              num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
 
   def fingerprint(self, stage: int) -> dict:
     return run_state.fingerprint(self.config, self.manifest_sha256, stage)
@@ -157,7 +165,7 @@ def fit_stage(run: Run, stage: int, epochs: int, initial_epoch: int) -> int:
   if epochs == 0:
     return initial_epoch
   keras_compat.forget_restored_epoch(run.wrapper)
-  history = run.wrapper.fit(run.train, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
+  history = run.wrapper.fit(run.train_batches(stage), epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=run.steps_per_epoch, validation_data=run.validation.dataset,
                             validation_steps=run.validation.steps,
                             callbacks=stage_callbacks(run, stage, initial_epoch),
@@ -236,7 +244,7 @@ def preflight(cfg: config_lib.TrainConfig) -> dict:
     raise cli.UserError(f"--model_dir={cfg.model_dir} is a file, not a folder")
   manifest = manifest_lib.read(cfg.data_dir)
   for split in splits_read(cfg):
-    if not manifest_lib.split_info(cfg.data_dir, manifest, split).num_examples:  # names a missing split too
+    if not data.split_info(cfg.data_dir, manifest, split, cfg.fold).num_examples:  # names a missing split too
       raise cli.UserError(f"--data_dir={cfg.data_dir}: the {split} split holds no images")
   manifest_lib.check_shards(cfg.data_dir, manifest, splits_read(cfg), checksums=cfg.verify_shards)
   return manifest
@@ -317,17 +325,14 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
                     for stage, lr in ((1, cfg.stage1_lr), (2, cfg.stage2_lr))}
   model_dir = distribute_utils.writable_dir(cfg.model_dir, strategy)
 
-  train_info = manifest_lib.split_info(cfg.data_dir, manifest, "train")
-  val_info = manifest_lib.split_info(cfg.data_dir, manifest, "validation")
+  train_info, val_info = (data.split_info(cfg.data_dir, manifest, split, cfg.fold) for split in ("train", "validation"))
   take_train = DEBUG_TRAIN_EXAMPLES if cfg.debug else None
   take_eval = DEBUG_EVAL_EXAMPLES if cfg.debug else None
   num_train = min(train_info.num_examples, take_train or train_info.num_examples)
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
   num_val = min(val_info.num_examples, take_eval or val_info.num_examples)
   cache = data.choose_cache(cfg.cache, num_train + num_val, cfg.image_size)
-  train = data.train_dataset(train_info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed,
-                             take=take_train, cache=cache,
-                             num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
+  train_examples = data.train_examples(train_info, cfg.image_size, seed=cfg.seed, take=take_train, cache=cache)
   validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval,
                                        cache=cache)
   steps_per_epoch, steps_per_execution = epoch_steps(num_train, cfg.global_batch_size,
@@ -345,8 +350,8 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
                       run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256,
                                  manifest))
     artifacts.write_label_map(model_dir, class_names)
-  state = Run(cfg, strategy, inner, wrapper, train, validation, steps_per_epoch, steps_per_execution, xla,
-              weights, learning_rates, manifest_sha256, model_dir, chief)
+  state = Run(cfg, strategy, inner, wrapper, train_examples, train_info, validation, steps_per_epoch,
+              steps_per_execution, xla, weights, learning_rates, manifest_sha256, model_dir, chief)
   try:
     epoch = train_head(state)
     fine_tune(state, epoch)
@@ -369,12 +374,11 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   # Calibration and evaluation run on the chief alone, outside the strategy: no collective
   # step for the other workers to wait on.
   if chief:
-    evaluate_lib.calibrate(model_dir, cfg.data_dir, cfg.image_size, take=take_eval)
+    evaluate_lib.calibrate(model_dir, cfg.data_dir, take=take_eval)
   if cfg.evaluate and chief:
-    metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", cfg.image_size,
-                                    take=take_eval)
+    metrics = evaluate_lib.evaluate(model_dir, cfg.data_dir, "test", take=take_eval)
   if cfg.serving_dir and chief:
-    predict.export_serving(predict.load_for_inference(model_dir), cfg.serving_dir)
+    predict.export_serving(ensemble.load([model_dir]), cfg.serving_dir)
     logging.info("serving SavedModel (image_bytes in, calibrated probabilities out) in %s", cfg.serving_dir)
   logging.info("artifacts in %s", cfg.model_dir)
   return metrics
