@@ -174,3 +174,31 @@ def per_class_report(labels, probabilities, class_names) -> dict:
                                      target_names=list(class_names), output_dict=True, zero_division=0)
   aucs = per_class_auc(labels, probabilities)
   return {name: {**report[name], "roc_auc": auc} for name, auc in zip(class_names, aucs)}
+
+
+PAIRED = ("balanced_accuracy", "macro_roc_auc", "macro_f1", "melanoma_sensitivity")
+
+
+def _paired_figures(labels, probabilities, mel: int | None, threshold: float | None) -> list[float]:
+  figures = headline(labels, probabilities)
+  sensitivity = np.nan
+  if mel is not None and threshold is not None and (labels == mel).any():
+    sensitivity = float((probabilities[labels == mel, mel] >= threshold).mean())
+  return [figures["balanced_accuracy"], figures["macro_roc_auc"], figures["macro_f1"], sensitivity]
+
+
+def paired_bootstrap(labels, probabilities_by_run: list[np.ndarray], lesion_ids, thresholds: list[float | None],
+                     mel: int | None, replicates: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The PAIRED figures of every run on the same images, and on the same lesion resamples:
+  (runs × figures) on all the images, and (replicates × runs × figures). Each replicate draws
+  lesions once and scores every run on them, so a difference between two runs varies with the
+  runs alone, not with which images a replicate happened to hold."""
+  rng = np.random.default_rng(seed)
+  lesions, rows_of = np.unique(lesion_ids, return_inverse=True)
+  members = [np.flatnonzero(rows_of == i) for i in range(len(lesions))]
+  point = np.array([_paired_figures(labels, p, mel, t) for p, t in zip(probabilities_by_run, thresholds)])
+  samples = np.empty((replicates, len(probabilities_by_run), len(PAIRED)))
+  for r in range(replicates):
+    rows = np.concatenate([members[i] for i in rng.integers(0, len(lesions), len(lesions))])
+    samples[r] = [_paired_figures(labels[rows], p[rows], mel, t) for p, t in zip(probabilities_by_run, thresholds)]
+  return point, samples

@@ -5,16 +5,18 @@ r"""Inference on raw JPEGs, and the serving export.
   python -m job.predict --model_dir=artifacts --export_dir=gs://bucket/serving/1
   python -m job.predict --model_dir=artifacts --format=isic2018 --output=submission.csv \
       ISIC2018_Task3_Test_Input/
+  python -m job.predict --model_dir=cv_root --tta=dihedral folder/      # a cross-validation's folds
+  python -m job.predict --model_dir=run_a --model_dir=run_b folder/     # two runs as one ensemble
 
 Images of any size are resized to the training size from run_config.json and
 preprocessed exactly as in training. Probabilities are temperature-calibrated
-(calibration.json) unless --raw. `--format=isic2018` writes an ISIC 2018 Task 3
+(calibration.json) unless --raw; an ensemble's are the mean of its members'
+(job/ensemble.py), under --tta the mean over the views first (job/tta.py). `--format=isic2018` writes an ISIC 2018 Task 3
 submission (image id without extension, then one probability per class in the
 challenge's column order), and writes nothing if any image cannot be read: a
 submission without some images is invalid.
 """
 
-import dataclasses
 import io
 import os
 
@@ -24,7 +26,7 @@ import pandas as pd
 import tensorflow as tf
 from absl import flags, logging
 
-from job import artifacts, calibration, model as model_lib
+from job import calibration, ensemble as ensemble_lib, model as model_lib, tta as tta_lib
 from tfrecords import cli, features, fileio, sources
 
 # What job.predict reads (features.decode_and_resize with any_format), in a folder as named.
@@ -77,52 +79,30 @@ def _regular(path: str, not_read: list[str]) -> bool:
   return True
 
 
-@dataclasses.dataclass(frozen=True)
-class InferenceModel:
-  """What inference needs from a run: the best model, its training image size, its classes
-  (label_map.json) and its temperature (1.0 before the run is calibrated)."""
-  model: keras.Model
-  image_size: int
-  class_names: tuple[str, ...]
-  temperature: float
-  calibrated: bool = True  # False: no calibration.json yet, the temperature is 1
-
-  def uncalibrated_warning(self, model_dir: str, what: str):
-    if not self.calibrated:
-      logging.warning("--model_dir=%s has no %s (the training job writes it when it finishes): %s the model's "
-                      "own probabilities, not calibrated ones", model_dir, artifacts.CALIBRATION_FILE, what)
-
-
-def load_for_inference(model_dir: str) -> InferenceModel:
-  image_size = artifacts.read_run_config(model_dir)["image_size"]
-  calibration_json = artifacts.read_calibration(model_dir)
-  return InferenceModel(artifacts.load_best_model(model_dir), image_size, artifacts.class_names(model_dir),
-                        calibration_json["temperature"] if calibration_json else 1.0, calibration_json is not None)
-
-
-def predict_files(inference: InferenceModel, paths: list[str], calibrated: bool = True,
+def predict_files(predictor: ensemble_lib.Ensemble, paths: list[str], calibrated: bool = True, tta: str = "none",
                   batch_size: int = 32) -> tuple[pd.DataFrame, list[str]]:
   """Label, probability and top 3 per readable image, plus every class probability; and the
   paths that could not be read or decoded as an image (the others are predicted all the same)."""
+  sizes = predictor.image_sizes
+
   def load(index, path):
-    return index, features.decode_and_resize(tf.io.read_file(path), inference.image_size, any_format=True,
-                                             max_pixels=features.MAX_PIXELS)
+    contents = tf.io.read_file(path)
+    return index, {size: features.decode_and_resize(contents, size, any_format=True, max_pixels=features.MAX_PIXELS)
+                   for size in sizes}
 
   dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
   # A file that is not an image fails alone: its index is missing from what comes out.
-  dataset = dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  dataset = dataset.ignore_errors().batch(tta_lib.images_per_batch(batch_size, tta)).prefetch(tf.data.AUTOTUNE)
   read, probabilities = [], []
   for indices, images in dataset:
     read.extend(indices.numpy().tolist())
-    probabilities.append(inference.model.predict_on_batch(model_lib.preprocess(images)))
+    probabilities.append(predictor.predict(images, tta, calibrated).calibrated)
   seen = set(read)
   unreadable = [path + _why_unreadable(path) for index, path in enumerate(paths) if index not in seen]
   paths = [paths[index] for index in read]
-  names = np.asarray(inference.class_names)
-  probabilities = calibration.apply_temperature(
-      np.concatenate(probabilities).astype(np.float64) if probabilities else np.zeros((0, len(names))),
-      inference.temperature if calibrated else 1.0)
+  names = np.asarray(predictor.class_names)
+  probabilities = np.concatenate(probabilities) if probabilities else np.zeros((0, len(names)))
   order = np.argsort(-probabilities, axis=1)
   table = pd.DataFrame({"path": paths, "label": names[order[:, 0]],
                         "probability": probabilities[np.arange(len(paths)), order[:, 0]],
@@ -168,28 +148,40 @@ def _to_csv(table: pd.DataFrame) -> str:
   return out.getvalue()
 
 
-def export_serving(inference: InferenceModel, export_dir: str):
-  """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities.
+SERVING_INFO_FILE = "serving.json"  # in the export's assets.extra: what it serves
+
+
+def export_serving(predictor: ensemble_lib.Ensemble, export_dir: str, tta: str = "none"):
+  """A SavedModel whose serving signature takes JPEG bytes and returns calibrated probabilities:
+  the run's, or an ensemble's (the mean of its members' calibrated probabilities, each member
+  seeing the image at its own size), under the test-time augmentation `tta`; what
+  `predict_files` returns for the same image and flags.
 
   The input is named `image_bytes`: TF Serving decodes `{"b64": ...}` for any string input,
   and the `_bytes` suffix is what Vertex AI's documentation asks of binary inputs (TF Serving
   uses it to base64-encode outputs)."""
-  class_names = tf.constant(inference.class_names)
-  image_size, model = inference.image_size, inference.model
+  class_names = tf.constant(predictor.class_names)
+  members = [(m.model, m.image_size, float(m.calibration_for(tta)["temperature"])) for m in predictor.members]
 
   def serve(image_bytes):
     # An instance whose header declares too many pixels fails the request before it is decoded.
-    images = tf.map_fn(lambda b: features.decode_and_resize(b, image_size, max_pixels=features.MAX_PIXELS),
-                       image_bytes, fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))
-    probabilities = model(model_lib.preprocess(images), training=False)
-    logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), calibration.EPSILON, 1.0))
-    calibrated = tf.nn.softmax(logits / inference.temperature)
-    return {"probabilities": calibrated,
-            "classes": tf.tile(class_names[None], [tf.shape(calibrated)[0], 1]),
-            "label": tf.gather(class_names, tf.argmax(calibrated, axis=1))}
+    images = {size: tf.map_fn(lambda b, size=size: features.decode_and_resize(b, size, max_pixels=features.MAX_PIXELS),
+                              image_bytes, fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
+              for size in predictor.image_sizes}
+    calibrated = []
+    for model, image_size, temperature in members:
+      probabilities = model(model_lib.preprocess(tta_lib.views(images[image_size], tta)), training=False)
+      raw = tta_lib.mean_over_views_tf(tf.cast(probabilities, tf.float32), tta)
+      logits = tf.math.log(tf.clip_by_value(raw, calibration.EPSILON, 1.0))
+      calibrated.append(tf.nn.softmax(logits / temperature))
+    mean = tf.add_n(calibrated) / len(calibrated)
+    return {"probabilities": mean,
+            "classes": tf.tile(class_names[None], [tf.shape(mean)[0], 1]),
+            "label": tf.gather(class_names, tf.argmax(mean, axis=1))}
 
   archive = keras.export.ExportArchive()
-  archive.track(model)
+  for model, _, _ in members:
+    archive.track(model)
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   # Into a temporary folder, then into place: a killed export never leaves half a SavedModel
@@ -198,10 +190,16 @@ def export_serving(inference: InferenceModel, export_dir: str):
     logging.info("removed %s, left by an earlier export", left)
   with fileio.folder_written_whole(export_dir, last=("saved_model.pb",)) as tmp:
     archive.write_out(tmp, verbose=False)  # verbose prints every tracked variable's spec
+    fileio.makedirs(fileio.join(tmp, "assets.extra"))  # TF Serving's folder for files it ignores
+    fileio.write_json(fileio.join(tmp, "assets.extra", SERVING_INFO_FILE),
+                      {"class_names": list(predictor.class_names), **predictor.describe(tta)})
 
 
 def define_flags():
-  flags.DEFINE_string("model_dir", "artifacts", "The training job's --model_dir (local or gs://).")
+  flags.DEFINE_multi_string("model_dir", ["artifacts"], "The training job's --model_dir (local or gs://), or a "
+                            "cross-validation's root; several: their ensemble (mean calibrated probabilities).")
+  flags.DEFINE_enum("tta", "none", list(tta_lib.MODES), "Test-time augmentation: none, flip (image and mirror) or "
+                    "dihedral (the 8 flips and quarter turns); probabilities averaged over the views.")
   flags.DEFINE_bool("raw", False, "Report the model's probabilities as trained, not calibrated.")
   flags.DEFINE_string("output", None, "Also write the predictions to this CSV (local or gs://).")
   flags.DEFINE_enum("format", "table", ["table", "isic2018"], "--output's format: table (path, label, "
@@ -211,10 +209,10 @@ def define_flags():
 
 def main(argv):
   FLAGS = flags.FLAGS
-  inference = load_for_inference(FLAGS.model_dir)
+  predictor = ensemble_lib.load(FLAGS.model_dir)
   if FLAGS.export_dir:
-    inference.uncalibrated_warning(FLAGS.model_dir, "the export serves")
-    export_serving(inference, FLAGS.export_dir)
+    predictor.uncalibrated_warning("the export serves")
+    export_serving(predictor, FLAGS.export_dir, FLAGS.tta)
     logging.info("serving SavedModel written to %s", FLAGS.export_dir)
   paths, not_read = expand_paths(argv[1:])
   if not paths:
@@ -229,15 +227,15 @@ def main(argv):
   if FLAGS.format == "isic2018" and not FLAGS.output:
     raise cli.UserError("--format=isic2018 writes a submission file: give --output=submission.csv")
   if not FLAGS.raw:
-    inference.uncalibrated_warning(FLAGS.model_dir, "these are")
-  table, unreadable = predict_files(inference, paths, calibrated=not FLAGS.raw)
+    predictor.uncalibrated_warning("these are")
+  table, unreadable = predict_files(predictor, paths, calibrated=not FLAGS.raw, tta=FLAGS.tta)
   unreadable, given = not_read + unreadable, len(not_read) + len(paths)
   if FLAGS.format == "isic2018":
     if unreadable:
       raise cli.UserError(f"{len(unreadable)} of {given} files could not be read as images: "
                           f"{', '.join(unreadable)}; no submission written to {FLAGS.output} (one without "
                           "them is invalid; an older file there, if any, is not this run's)")
-    fileio.write_atomic(FLAGS.output, _to_csv(isic_submission(table, inference.class_names)))
+    fileio.write_atomic(FLAGS.output, _to_csv(isic_submission(table, predictor.class_names)))
     logging.info("ISIC 2018 submission of %d images written to %s", len(table), FLAGS.output)
   elif FLAGS.output:
     fileio.write_atomic(FLAGS.output, _to_csv(table))

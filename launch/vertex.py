@@ -7,6 +7,7 @@ r"""Submits the training job to Vertex AI as a CustomJob.
       [--replica_count=2] [--spot] [--dry_run [--output=job.json]] -- --stage1_epochs=10
   python -m launch.vertex ... --tune --max_trials=20 --parallel_trials=4
   python -m launch.vertex ... --preflight     # job.preflight on the same machines, its report printed
+  python -m launch.vertex ... --folds=5       # the 5 folds of a cross-validation, as 5 jobs at once
 
 Everything after `--` goes to `python -m job.train` unchanged. `--model_dir`
 becomes the job's base output directory, so Vertex AI sets AIP_MODEL_DIR,
@@ -19,7 +20,14 @@ restarted worker restarts the whole job (its collectives cannot resume alone).
 `--tune` submits a HyperparameterTuningJob whose trials are this CustomJob
 (TUNED_PARAMETERS, maximising the job's --monitor as its HypertuneReporter
 reports it). `--dry_run` prints the job as Vertex's REST API JSON and calls
-nothing; `--output` writes it to a file, which the REST API takes as it is:
+nothing; `--output` writes it to a file, which the REST API takes as it is.
+`--folds=K` (shards converted with --folds=K) submits K CustomJobs that run at
+once, job k training `job.train --fold=k` into {model_dir}/fold-k as
+job.cross_validate would; when they are done, the command it prints (run
+anywhere) skips the finished folds and writes the out-of-fold figures, the
+ensemble's test figures and its serving export into --model_dir.
+
+
 
   curl -X POST -H "Authorization: Bearer $(gcloud auth print-access-token)" \
       -H "Content-Type: application/json" -d @job.json \
@@ -61,6 +69,8 @@ def define_flags():
   flags.DEFINE_bool("dry_run", False, "Print the job as REST JSON and submit nothing.")
   flags.DEFINE_string("output", None, "With --dry_run: write the JSON to this file (the request body "
                       "of the REST API's customJobs or hyperparameterTuningJobs create).")
+  flags.DEFINE_integer("folds", 0, "Submit the K folds of a cross-validation as K jobs (shards converted with "
+                       "--folds=K); 0: one job.", lower_bound=0)
   flags.DEFINE_bool("tune", False, "Submit a HyperparameterTuningJob over TUNED_PARAMETERS instead.")
   flags.DEFINE_integer("max_trials", 20, "With --tune: trials in all.")
   flags.DEFINE_integer("parallel_trials", 4, "With --tune: trials at a time.")
@@ -201,7 +211,7 @@ def check_passthrough(trainer: flags.FlagValues, launcher_sets: list[str]):
 def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_dir: str, machine_type: str,
                      accelerator_type: str | None, accelerator_count: int, replica_count: int, spot: bool,
                      service_account: str | None, tensorboard: str | None, passthrough: list[str],
-                     preflight: bool = False, timeout: str = "24h"):
+                     preflight: bool = False, timeout: str = "24h", fold_args: list[str] = ()):
   """The CustomJob as google.cloud.aiplatform_v1 types (no credentials needed to build it).
   preflight: the same job running job.preflight, bounded by PREFLIGHT_TIMEOUT."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
@@ -216,7 +226,7 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   else:
     machine = gpu_machine_spec(v1, machine_type, accelerator_type, accelerator_count)
   container = v1.ContainerSpec(image_uri=image_uri, args=trainer_args(
-      data_dir, machine_type, accelerator_type, replica_count, passthrough))
+      data_dir, machine_type, accelerator_type, replica_count, passthrough) + list(fold_args))
   if preflight:  # the image's entrypoint is job.train: the command replaces it
     container.command = ["python", "-m", "job.preflight"]
   expected = expected_accelerator(machine)
@@ -243,6 +253,34 @@ def build_custom_job(*, display_name: str, image_uri: str, data_dir: str, model_
   if tensorboard:
     spec.tensorboard = tensorboard
   return v1.CustomJob(display_name=display_name, job_spec=spec)
+
+
+# What each fold's job adds to the trainer's flags: the fold and its folder (as job.cross_validate
+# names them), and no test figures or export of its own (the folds' ensemble gets those).
+FOLD_ARGS = ("--fold={fold}", "--model_dir={model_dir}/fold-{fold}", "--noevaluate", "--noserving")
+
+
+def build_fold_jobs(num_folds: int, *, display_name: str, model_dir: str, passthrough: list[str], **job) -> list:
+  """The CustomJobs of a cross-validation's folds: job k trains fold k into {model_dir}/fold-k
+  (its checkpoints and logs below it, as Vertex AI's base output directory)."""
+  if num_folds == 1:
+    raise cli.UserError("--folds=1: a cross-validation has two folds or more (the shards' --folds)")
+  trainer = parse_trainer_flags(passthrough)
+  given = [f"--{name}" for name in ("fold", "evaluate", "serving", "export_dir") if trainer[name].present]
+  if given:
+    raise cli.UserError(f"after --: {', '.join(given)} with --folds: each fold's job sets its fold, and the folds' "
+                        "ensemble is evaluated and exported by the command printed once they are done")
+  return [build_custom_job(display_name=f"{display_name}-fold-{fold}", model_dir=f"{model_dir}/fold-{fold}",
+                           passthrough=list(passthrough), fold_args=[a.format(fold=fold, model_dir=model_dir)
+                                                                     for a in FOLD_ARGS], **job)
+          for fold in range(num_folds)]
+
+
+def finishing_command(data_dir: str, model_dir: str, passthrough: list[str]) -> str:
+  """What finishes a cross-validation whose folds ran as Vertex AI jobs: job.cross_validate on
+  the same flags finds every fold finished, trains none, and writes what follows."""
+  return " ".join(["python -m job.cross_validate", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                   *passthrough])
 
 
 def monitor_of(passthrough: list[str]) -> str:
@@ -337,14 +375,20 @@ def submit(client, job, project: str, region: str, wait: bool = False, poll_seco
   parent = f"projects/{project}/locations/{region}"
   if tuning:
     created = client.create_hyperparameter_tuning_job(parent=parent, hyperparameter_tuning_job=job)
-    get = client.get_hyperparameter_tuning_job
   else:
     created = client.create_custom_job(parent=parent, custom_job=job)
-    get = client.get_custom_job
   print(created.name)
   print(console_link(created.name, region, project, tuning), file=sys.stderr, flush=True)
   if not wait:
     return created
+  return follow(client, created, project, region, poll_seconds, sleep)
+
+
+def follow(client, created, project: str, region: str, poll_seconds: float = 60, sleep=time.sleep):
+  """Polls a submitted job until it ends, printing each state change; its last state, or a
+  UserError naming how it ended."""
+  tuning = type(created).__name__ == "HyperparameterTuningJob"
+  get = client.get_hyperparameter_tuning_job if tuning else client.get_custom_job
   current, state = created, None
   while True:
     if current.state.name != state:
@@ -432,14 +476,21 @@ def main(argv):
   if FLAGS.output and not FLAGS.dry_run:
     raise cli.UserError("--output writes the job's JSON instead of submitting it: add --dry_run")
   data_dir, model_dir = gcs_path("data_dir", FLAGS.data_dir), gcs_path("model_dir", FLAGS.model_dir)
-  job = build_custom_job(
-      display_name=FLAGS.display_name or (f"ham10000-resnet50-{'preflight-' if FLAGS.preflight else ''}"
-                                          f"{time.strftime('%Y%m%d-%H%M%S')}"),
-      image_uri=FLAGS.image_uri, data_dir=data_dir, model_dir=model_dir,
-      machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
-      accelerator_count=FLAGS.accelerator_count, replica_count=FLAGS.replica_count, spot=FLAGS.spot,
-      service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard, passthrough=passthrough,
-      preflight=FLAGS.preflight, timeout=FLAGS.timeout)
+  display_name = FLAGS.display_name or (f"ham10000-resnet50-{'preflight-' if FLAGS.preflight else ''}"
+                                        f"{time.strftime('%Y%m%d-%H%M%S')}")
+  job_settings = dict(image_uri=FLAGS.image_uri, data_dir=data_dir, machine_type=FLAGS.machine_type,
+                      accelerator_type=FLAGS.accelerator_type, accelerator_count=FLAGS.accelerator_count,
+                      replica_count=FLAGS.replica_count, spot=FLAGS.spot, service_account=FLAGS.service_account,
+                      tensorboard=FLAGS.tensorboard, timeout=FLAGS.timeout)
+  if FLAGS.folds:
+    if FLAGS.tune or FLAGS.preflight:
+      raise cli.UserError(f"--folds={FLAGS.folds} submits the folds' training jobs; give it without "
+                          f"{'--tune' if FLAGS.tune else '--preflight'}")
+    submit_folds(build_fold_jobs(FLAGS.folds, display_name=display_name, model_dir=model_dir,
+                                 passthrough=passthrough, **job_settings), data_dir, model_dir, passthrough)
+    return
+  job = build_custom_job(display_name=display_name, model_dir=model_dir, passthrough=passthrough,
+                         preflight=FLAGS.preflight, **job_settings)
   if FLAGS.preflight and FLAGS.tune:
     raise cli.UserError("--preflight checks one machine shape before a run; give it without --tune")
   if FLAGS.tune:
@@ -459,6 +510,27 @@ def main(argv):
     submit(client, job, FLAGS.project, FLAGS.region, wait=True, poll_seconds=FLAGS.poll_seconds)
   finally:  # a failed check ends the job FAILED: its report says which
     print_preflight_report(read_preflight_report(model_dir), model_dir)
+
+
+def submit_folds(jobs: list, data_dir: str, model_dir: str, passthrough: list[str]):
+  """Prints (--dry_run) or submits the folds' jobs, all before following any (--wait), then
+  the command that finishes the cross-validation."""
+  if FLAGS.dry_run:
+    if FLAGS.output:  # one request body per job, as the REST API takes them
+      stem, dot, suffix = FLAGS.output.rpartition(".")
+      for fold, job in enumerate(jobs):
+        print_dry_run(job, f"{stem}-fold-{fold}{dot}{suffix}" if dot else f"{FLAGS.output}-fold-{fold}")
+    else:
+      print(json.dumps([rest_json(job) for job in jobs], indent=2))
+  else:
+    from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
+    client = v1.JobServiceClient(client_options={"api_endpoint": api_endpoint(FLAGS.region)})
+    created = [submit(client, job, FLAGS.project, FLAGS.region) for job in jobs]
+    if FLAGS.wait:
+      for job in created:
+        follow(client, job, FLAGS.project, FLAGS.region, FLAGS.poll_seconds)
+  print(f"when the {len(jobs)} jobs have succeeded, finish the cross-validation (it trains no fold again):\n  "
+        + finishing_command(data_dir, model_dir, passthrough), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmarks run and print their figures (smoke size). Their goals are measured, not asserted."""
 
 import json
+import os
 
 import pytest
 
@@ -55,3 +56,17 @@ def test_bench_lr_scaling(work_dir):
       (8, "none"), (32, "none"), (32, "sqrt")]
   for row in figures["results"]:
     assert 0 <= row["val_balanced_accuracy_mean"] <= 1 and len(row["val_balanced_accuracy"]) == 1
+
+
+def test_bench_cross_validation(work_dir):
+  figures = last_json_line(run_module("bench.cross_validation", f"--work_dir={work_dir}", "--num_images=300",
+                                      "--image_size=32", "--members=2", "--folds=3", "--rounds=1",
+                                      "--cached_epochs=1"))
+  shards = os.path.join(work_dir, "shards_300_0_32_16")
+  assert figures["test_images"] == json.load(open(os.path.join(shards, "manifest.json")))["splits"]["test"][
+      "num_examples"]
+  assert (figures["members"], figures["folds"]) == (2, 3)
+  assert os.path.isdir(shards + "_folds3")
+  for key in ("flip_vs_none", "dihedral_vs_none", "ensemble_vs_one", "folded_vs_today_first_epoch",
+              "folded_vs_today_cached"):
+    assert figures[key] > 0, key

@@ -625,3 +625,23 @@ def test_vertex_refuses_trainer_flags_the_job_would_refuse_before_submitting(pas
   result = run_module("launch.vertex", "--dry_run", "--image_uri=x", "--data_dir=gs://b/s", "--model_dir=gs://b/r",
                       "--", *passthrough, check=False)
   assert result.returncode == 1 and result.stderr.startswith("error: after --")  # no TensorFlow start-up lines
+
+
+def test_vertex_folds_submits_one_job_per_fold_and_prints_the_command_that_finishes():
+  result = run_module("launch.vertex", "--dry_run", "--image_uri=us-docker.pkg.dev/p/ham/trainer:1",
+                      "--data_dir=gs://b/shards", "--model_dir=gs://b/cv", "--folds=3", "--", "--image_size=128")
+  jobs = json.loads(result.stdout)
+  assert len(jobs) == 3
+  for fold, job in enumerate(jobs):
+    assert job["displayName"].endswith(f"-fold-{fold}")
+    assert job["jobSpec"]["baseOutputDirectory"] == {"outputUriPrefix": f"gs://b/cv/fold-{fold}"}
+    # Where job.cross_validate looks for the fold, and nothing the folds' ensemble does later.
+    assert job["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["args"] == [
+        "--data_dir=gs://b/shards", "--image_size=128", f"--fold={fold}", f"--model_dir=gs://b/cv/fold-{fold}",
+        "--noevaluate", "--noserving"]
+    vertex_types().CustomJob.from_json(json.dumps(job))
+  assert result.stderr.strip().splitlines()[-1].strip() == (
+      "python -m job.cross_validate --data_dir=gs://b/shards --model_dir=gs://b/cv --image_size=128")
+  refused = run_module("launch.vertex", "--dry_run", "--image_uri=u", "--data_dir=gs://b/shards",
+                       "--model_dir=gs://b/cv", "--folds=3", "--", "--fold=1", check=False)
+  assert refused.returncode == 1 and "--fold with --folds" in refused.stderr
