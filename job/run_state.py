@@ -309,7 +309,10 @@ class Lease:
                    "the same Vertex AI job, restarted" if same_job else
                    "its process on this host has ended" if dead else "it had expired")
     self._token = self._store.read()[1]
-    self._lock = threading.Lock()  # the heartbeat's renewal and a write's look at the lease, one at a time
+    # The heartbeat's renewal and a write's look at the lease, one at a time. Reentrant: on a
+    # filesystem without exclusive create the renewal itself is a write through fileio, whose
+    # guard (self.check) takes the lock again in the same thread.
+    self._lock = threading.RLock()
     fileio.add_write_guard(self.check)
     self._thread = threading.Thread(target=self._heartbeat, name="model-dir-lease", daemon=True)
     self._thread.start()
@@ -383,7 +386,8 @@ class Lease:
     """Raises LeaseLost once the lease is lost (a write guard: `path` is what was to be written).
     Before a write it looks at the lease itself: a job that took it over (its term edited into
     the past, say) is seen now, not at the next renewal."""
-    if path is not None and not self.lost and self._thread is not None and not self._stop.is_set():
+    if (path is not None and path != self.path and not self.lost and self._thread is not None
+        and not self._stop.is_set()):  # the lease's own renewal has just looked at it
       try:
         with self._lock:
           self._still_ours()

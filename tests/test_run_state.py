@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+import uuid
 
 import keras
 import numpy as np
@@ -267,6 +268,23 @@ def test_one_job_at_a_time_holds_a_model_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("CLOUD_ML_JOB_ID", "12345")
   restarted = run_state.Lease(model_dir, run).acquire()  # at once, without waiting for expiry
   restarted.release()
+
+
+def test_a_lease_without_exclusive_create_renews_itself_while_the_job_writes():
+  """On ram:// (no exclusive create) a renewal is itself a guarded write: it must not wait on
+  the lock it holds (a hang one heartbeat into every such run, once)."""
+  import tensorflow as tf
+  model_dir = f"ram://lease-{uuid.uuid4().hex}"
+  lease = run_state.Lease(model_dir, {"image_size": 32}, seconds=0.5).acquire()  # a heartbeat every 0.1 s
+  try:
+    time.sleep(1.0)
+    with tf.io.gfile.GFile(f"{model_dir}/.lease.json") as f:
+      assert json.load(f)["expires"] > time.time()  # renewed in the last half second
+    fileio.write_json(f"{model_dir}/history.json", {"epoch": 1})  # a job's write, between renewals
+  finally:
+    lease.release()
+  assert not lease._thread.is_alive()  # pylint: disable=protected-access
+  assert not tf.io.gfile.exists(f"{model_dir}/.lease.json")
 
 
 def test_a_second_job_into_a_held_model_dir_stops_at_once(shards_dir, tmp_path):
