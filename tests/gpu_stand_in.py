@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, exclusive
 
 CONSTRAINTS = os.path.join(REPO, "requirements", "constraints-gpu.txt")
 DRIVER_SOURCES = os.path.join(REPO, "tests", "stand_in_driver")
@@ -37,6 +37,13 @@ def gpu_environment() -> str:
   key = hashlib.sha256(open(CONSTRAINTS, "rb").read()).hexdigest()[:16]
   venv = os.path.join(cache_root(), f"gpu-env-{key}")
   python = os.path.join(venv, "bin", "python")
+  os.makedirs(cache_root(), exist_ok=True)
+  with exclusive(f"{venv}.lock"):  # another test run on this machine may be making it
+    _make_gpu_environment(venv)
+  return python
+
+
+def _make_gpu_environment(venv: str):
   if not os.path.exists(os.path.join(venv, "ready")):
     partial = f"{venv}.partial"  # renamed when complete: an interrupted install is never used
     shutil.rmtree(partial, ignore_errors=True)
@@ -49,9 +56,12 @@ def gpu_environment() -> str:
     shutil.rmtree(venv, ignore_errors=True)
     os.rename(partial, venv)
     for old in os.listdir(cache_root()):  # environments of earlier constraints
-      if old.startswith("gpu-env-") and old != os.path.basename(venv):
-        shutil.rmtree(os.path.join(cache_root(), old), ignore_errors=True)
-  return python
+      if old.startswith("gpu-env-") and not old.startswith(os.path.basename(venv)):  # its lock kept
+        path = os.path.join(cache_root(), old)
+        if os.path.isdir(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.remove(path)
 
 
 def site_packages(python: str) -> str:

@@ -1,5 +1,7 @@
 """What several test files share: running a command as a user would, waiting on it, free ports."""
 
+import contextlib
+import fcntl
 import os
 import pty
 import re
@@ -63,16 +65,29 @@ def cached_venv(request, name: str, packages: list[str], share_packages: bool = 
   is not this one when the tests run in a virtual environment)."""
   venv = str(request.config.cache.mkdir(name))
   python = os.path.join(venv, "bin", "python")
-  if not os.path.exists(os.path.join(venv, "ready")):
-    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
-    if share_packages:
-      own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-      with open(os.path.join(own, "test-environment.pth"), "w") as f:
-        f.write(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True, timeout=1200)
-    open(os.path.join(venv, "ready"), "w").close()
+  with exclusive(f"{venv}.lock"):  # pytest -n 2: the other process may be making it right now
+    if not os.path.exists(os.path.join(venv, "ready")):
+      subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+      if share_packages:
+        own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        with open(os.path.join(own, "test-environment.pth"), "w") as f:
+          f.write(sysconfig.get_path("purelib") + "\n")
+      subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True, timeout=1200)
+      open(os.path.join(venv, "ready"), "w").close()
   return python
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str):
+  """Holds an exclusive lock on `lock_path` (created if missing): one process of the test run at a
+  time makes what is shared between them (an environment, a cache outside the checkout)."""
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def in_a_terminal(module, *args, timeout=600):
