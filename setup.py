@@ -40,7 +40,7 @@ setup(
         # stand-in. The gs:// tests run a local GCS emulator behind a TLS proxy with a
         # throwaway CA (tests/gcs_emulator.py patches this emulator release). The official
         # ISIC scorer needs pandas < 3: tests/test_interop.py installs it in its own environment.
-        # pytest-xdist: the quick subset on two processes (docs/testing.md says why not the whole suite).
+        # pytest-xdist: the suite on two processes, a test file each at a time (docs/testing.md).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "google-cloud-aiplatform>=1.60",
                  "gcp-storage-emulator==2026.7.19", "trustme>=1.1"],
     },
