@@ -47,7 +47,6 @@ def _make_gpu_environment(venv: str):
   if not os.path.exists(os.path.join(venv, "ready")):
     partial = f"{venv}.partial"  # renamed when complete: an interrupted install is never used
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(cache_root(), exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", partial], check=True)
     pip = [os.path.join(partial, "bin", "python"), "-m", "pip", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "-c", CONSTRAINTS, f"{REPO}[gpu]"], check=True, timeout=3600)
