@@ -115,25 +115,32 @@ LEASE_SECONDS = 300.0  # a job silent this long (killed) no longer holds the mod
 
 
 class _LocalStore:
-  """The lease file on local disk: exclusive create, atomic replace."""
+  """The lease file on local disk: exclusive create, atomic replace.
+
+  Every store's create and replace return the token of what they wrote (None when refused):
+  a write's token is the one to hold, whoever writes next."""
 
   def __init__(self, path):
     self.path = path
 
-  def create(self, text) -> bool:
+  def create(self, text):
     """Exclusive and whole: the record is written to a file of its own, then linked into place
     (link fails where the lease exists), so no job ever sees a lease created but not yet written."""
+    tmp, token = self._written(text)
+    try:
+      os.link(tmp, self.path)
+    except FileExistsError:
+      return None
+    finally:
+      os.remove(tmp)
+    return token
+
+  def _written(self, text):
     tmp = f"{self.path}.{uuid.uuid4().hex}"
     with open(tmp, "w") as f:
       f.write(text)
     os.chmod(tmp, 0o644)
-    try:
-      os.link(tmp, self.path)
-    except FileExistsError:
-      return False
-    finally:
-      os.remove(tmp)
-    return True
+    return tmp, os.stat(tmp).st_mtime_ns  # the link and the rename keep the file, and its mtime
 
   def read(self):
     try:
@@ -142,14 +149,12 @@ class _LocalStore:
     except FileNotFoundError:
       return None, None
 
-  def replace(self, text, token) -> bool:
+  def replace(self, text, token):
     if self.read()[1] != token:
-      return False
-    tmp = f"{self.path}.{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-      f.write(text)
+      return None
+    tmp, new_token = self._written(text)
     os.replace(tmp, self.path)
-    return True
+    return new_token
 
   def delete(self, token):
     if self.read()[1] == token:
@@ -167,12 +172,12 @@ class _GcsStore:
     self.exists = exceptions.PreconditionFailed
     self.conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
 
-  def create(self, text) -> bool:
+  def create(self, text):
     try:
       self.blob.upload_from_string(text, if_generation_match=0)
-      return True
+      return self.blob.generation  # set from the upload's response
     except self.exists:
-      return False
+      return None
 
   def read(self):
     try:
@@ -182,12 +187,12 @@ class _GcsStore:
     except self.conflict:
       return None, None
 
-  def replace(self, text, token) -> bool:
+  def replace(self, text, token):
     try:
       self.blob.upload_from_string(text, if_generation_match=token)
-      return True
+      return self.blob.generation
     except self.conflict:
-      return False
+      return None
 
   def delete(self, token):
     try:
@@ -202,11 +207,11 @@ class _BestEffortStore:
   def __init__(self, path):
     self.path = path
 
-  def create(self, text) -> bool:
+  def create(self, text):
     if tf.io.gfile.exists(self.path):
-      return False
+      return None
     fileio.write_atomic(self.path, text)
-    return True
+    return text
 
   def read(self):
     if not tf.io.gfile.exists(self.path):
@@ -215,11 +220,11 @@ class _BestEffortStore:
       text = f.read()
     return text, text
 
-  def replace(self, text, token) -> bool:
+  def replace(self, text, token):
     if self.read()[1] != token:
-      return False
+      return None
     fileio.write_atomic(self.path, text)
-    return True
+    return text
 
   def delete(self, token):
     if self.read()[1] == token:
@@ -284,10 +289,10 @@ class Lease:
     try:
       if fileio.is_local(self.model_dir):  # object stores need no folder
         os.makedirs(self.model_dir, exist_ok=True)
-      created = self._store.create(self._record())
+      self._token = self._store.create(self._record())
     except Exception as e:  # pylint: disable=broad-except  (permissions, a missing bucket: any store's)
       raise cli.UserError(f"--model_dir={self.model_dir} is not writable: {str(e).splitlines()[0][:200]}") from e
-    if not created:
+    if self._token is None:
       text, token = self._store.read()
       current = {} if text is None else self._parse(text)
       same_job = self.job_id is not None and current.get("job_id") == self.job_id and (
@@ -295,10 +300,10 @@ class Lease:
       expired = current.get("expires", 0) < time.time()
       dead = current.get("host") == socket.gethostname() and not process_alive(current.get("pid"))
       if text is None:  # released in the meantime
-        taken = self._store.create(self._record())
-      else:
-        taken = (same_job or expired or dead) and self._store.replace(self._record(), token)
-      if not taken:
+        self._token = self._store.create(self._record())
+      elif same_job or expired or dead:
+        self._token = self._store.replace(self._record(), token)
+      if self._token is None:
         expires = time.localtime(current.get("expires", 0))
         until = time.strftime("%H:%M:%S" if expires[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", expires)
         raise ModelDirInUse(f"--model_dir={self.model_dir} is in use by another job ({current.get('holder')}"
@@ -308,7 +313,6 @@ class Lease:
       logging.info("took over the lease on %s from %s (%s)", self.model_dir, current.get("holder"),
                    "the same Vertex AI job, restarted" if same_job else
                    "its process on this host has ended" if dead else "it had expired")
-    self._token = self._store.read()[1]
     # The heartbeat's renewal and a write's look at the lease, one at a time. Reentrant: on a
     # filesystem without exclusive create the renewal itself is a write through fileio, whose
     # guard (self.check) takes the lock again in the same thread.
@@ -358,8 +362,11 @@ class Lease:
       while True:
         try:
           with self._lock:
-            if self._store.replace(self._record(), self._token):
-              self._token, renewed = self._store.read()[1], time.time()
+            # The token the write itself returns: one read back after it could be another
+            # job's, written in between, and adopting it would hide the takeover.
+            token = self._store.replace(self._record(), self._token)
+            if token is not None:
+              self._token, renewed = token, time.time()
             else:
               text, token = self._store.read()
               if token == self._token or self._holder(text) != self.holder:

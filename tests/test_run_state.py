@@ -287,6 +287,31 @@ def test_a_lease_without_exclusive_create_renews_itself_while_the_job_writes():
   assert not tf.io.gfile.exists(f"{model_dir}/.lease.json")
 
 
+def test_a_takeover_right_after_a_renewal_is_seen(tmp_path, monkeypatch):
+  """Another job writes its lease between a renewal's write and anything after it: the renewal
+  holds the token its own write returned, so the next one sees the takeover."""
+  model_dir = str(tmp_path / "run")
+  replace = run_state._LocalStore.replace  # pylint: disable=protected-access
+
+  def replaced_then_taken_over(store, text, token):
+    ours = replace(store, text, token)
+    if ours is not None:
+      time.sleep(0.01)  # a later mtime: another token
+      with open(store.path, "w") as f:
+        json.dump({"holder": "vm-3 pid 9", "expires": time.time() + 600}, f)
+    return ours
+  monkeypatch.setattr(run_state._LocalStore, "replace", replaced_then_taken_over)  # pylint: disable=protected-access
+  lease = run_state.Lease(model_dir, {"run": 1}, seconds=0.5).acquire()  # a heartbeat every 0.1 s
+  try:
+    deadline = time.time() + 5
+    while lease.lost is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert lease.lost == "it was taken over by vm-3 pid 9"
+    assert json.load(open(os.path.join(model_dir, ".lease.json")))["holder"] == "vm-3 pid 9"  # not written over
+  finally:
+    lease.release()
+
+
 def test_a_second_job_into_a_held_model_dir_stops_at_once(shards_dir, tmp_path):
   from helpers import run_module
   model_dir = tmp_path / "busy"
@@ -373,9 +398,10 @@ def test_a_killed_jobs_disk_cache_is_removed_at_the_next_start(tmp_path):
 
 
 class _FlakyStore:
-  """A lease store whose renewals fail `failures` times (a network error), then answer `then`."""
+  """A lease store whose renewals fail `failures` times (a network error), then answer `then`
+  (the new token; None: refused)."""
 
-  def __init__(self, failures, then=True):
+  def __init__(self, failures, then="token-2"):
     self.failures, self.then, self.calls = failures, then, 0
 
   def replace(self, text, token):
@@ -393,7 +419,7 @@ class _FlakyStore:
 
 def _lease_with(store, seconds, tmp_path, monkeypatch):
   monkeypatch.setattr(run_state, "_store", lambda path: store)
-  monkeypatch.setattr(store, "create", lambda text: True, raising=False)
+  monkeypatch.setattr(store, "create", lambda text: "token", raising=False)
   return run_state.Lease(str(tmp_path / "run"), {}, seconds=seconds).acquire()
 
 
@@ -408,7 +434,7 @@ def test_a_lease_renewal_that_fails_is_retried_and_the_lease_kept(tmp_path, monk
 
 
 def test_a_lost_lease_stops_every_later_write(tmp_path, monkeypatch):
-  taken = _lease_with(_FlakyStore(failures=0, then=False), 0.25, tmp_path, monkeypatch)
+  taken = _lease_with(_FlakyStore(failures=0, then=None), 0.25, tmp_path, monkeypatch)
   time.sleep(0.3)
   assert taken.lost == "it was taken over by vm-9 pid 7"
   with pytest.raises(run_state.LeaseLost, match=r"no longer holds its lease: it was taken over by vm-9 pid 7; "
