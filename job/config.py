@@ -11,7 +11,7 @@ import os
 
 from absl import flags
 
-from job import accelerators
+from job import accelerators, backbones
 from tfrecords import cli
 
 FLAGS = flags.FLAGS
@@ -22,7 +22,6 @@ MIXED_PRECISION = ("auto", "float16", "bfloat16", "off")  # job/performance.py
 JIT_COMPILE = ("auto", "on", "off")
 CACHE_MODES = ("auto", "memory", "disk", "none")  # job/data.py
 LR_SCALING = ("sqrt", "linear", "none")  # job/optimization.py
-BACKBONE_LAYERS = 175  # keras.applications.ResNet50 without its top, input layer included
 MIN_IMAGE_SIZE = 32
 
 
@@ -39,10 +38,11 @@ class TrainConfig:
   mixed_precision: str = "auto"
   image_size: int = 224
   global_batch_size: int = 32
+  backbone: str = backbones.DEFAULT  # job/backbones.py
   weights: str = "imagenet"
   stage1_epochs: int = 10
   stage2_epochs: int = 10
-  fine_tune_layers: int = 50
+  fine_tune_layers: int | None = None  # None: the backbone's share (job/backbones.py; ResNet-50: 50)
   stage1_lr: float = 1e-4  # the seed's, for batch 32 (base_batch_size)
   stage2_lr: float = 2e-5
   lr_scaling: str = "sqrt"
@@ -121,12 +121,15 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   integer("image_size", d("image_size"), "Training image size (square).")
   integer("global_batch_size", d("global_batch_size"), "Batch size over all replicas (a "
           "multiple of their number).")
-  string("weights", d("weights"), "imagenet, none (random init) or a ResNet-50 "
-         "no-top weights file (local or gs://).")
+  enum("backbone", d("backbone"), backbones.NAMES, "The image network, from keras.applications "
+       "(docs/training.md: what each costs, and how much of it stage 2 fine-tunes).")
+  string("weights", d("weights"), "imagenet, none (random init) or a no-top weights file of "
+         "--backbone (local or gs://).")
   integer("stage1_epochs", d("stage1_epochs"), "Epochs training the head on a frozen backbone.")
   integer("stage2_epochs", d("stage2_epochs"), "Epochs fine-tuning the top layers.")
-  integer("fine_tune_layers", d("fine_tune_layers"), "Backbone layers unfrozen in stage 2 "
-          "(BatchNorm stays frozen).")
+  integer("fine_tune_layers", d("fine_tune_layers"), "Backbone layers unfrozen in stage 2, from "
+          "the top (BatchNorm stays frozen). Default: ResNet-50's 50 of 175, the same share of other "
+          "backbones, from the start of a block.")
   floating("stage1_lr", d("stage1_lr"), "Adam learning rate in stage 1, at --base_batch_size.")
   floating("stage2_lr", d("stage2_lr"), "Adam learning rate in stage 2, at --base_batch_size.")
   enum("lr_scaling", d("lr_scaling"), LR_SCALING, "How the learning rates "
@@ -196,20 +199,23 @@ def validated(cfg: TrainConfig) -> TrainConfig:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be at least 1")
   for name in ("stage1_epochs", "stage2_epochs", "fine_tune_layers", "backup_steps", "cpu_devices",
                "warmup_epochs"):
-    if getattr(cfg, name) < 0:
+    if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must not be negative")
   if cfg.fold is not None and cfg.fold < 0:
     raise cli.UserError(f"--fold={cfg.fold} must not be negative")
   if cfg.stage1_epochs == cfg.stage2_epochs == 0:
     raise cli.UserError("--stage1_epochs=0 --stage2_epochs=0: nothing to train (at least one epoch in all)")
   if cfg.image_size < MIN_IMAGE_SIZE:
-    raise cli.UserError(f"--image_size={cfg.image_size}: ResNet-50 halves an image five times, so it takes "
+    raise cli.UserError(f"--image_size={cfg.image_size}: the backbones halve an image five times, so they take "
                         f"{MIN_IMAGE_SIZE} px or more")
   for name in ("stage1_lr", "stage2_lr"):
     if not 0 < getattr(cfg, name) < float("inf"):
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be a positive learning rate")
   expected_accelerator(cfg)  # names the flag or variable when malformed
-  if cfg.fine_tune_layers > BACKBONE_LAYERS:
-    raise cli.UserError(f"--fine_tune_layers={cfg.fine_tune_layers}: the ResNet-50 backbone has "
-                        f"{BACKBONE_LAYERS} layers")
+  if cfg.backbone not in backbones.REGISTRY:
+    raise cli.UserError(f"--backbone={cfg.backbone}: expected one of {', '.join(backbones.NAMES)}")
+  layers = backbones.get(cfg.backbone).layers
+  if cfg.fine_tune_layers is not None and cfg.fine_tune_layers > layers:
+    raise cli.UserError(f"--fine_tune_layers={cfg.fine_tune_layers}: the {cfg.backbone} backbone has "
+                        f"{layers} layers")
   return cfg

@@ -133,7 +133,8 @@ class Ensemble:
 
   def describe(self, mode: str) -> dict:
     """What metrics.json and the export record of the predictor."""
-    return {"model_dirs": self.model_dirs, "num_members": len(self.members), "image_sizes": list(self.image_sizes),
+    return {"model_dirs": self.model_dirs, "num_members": len(self.members),
+            "backbones": [m.model.name.removeprefix("ham10000_") for m in self.members], "image_sizes": list(self.image_sizes),
             "tta": mode, "tta_views": tta_lib.NUM_VIEWS[mode],
             "combination": "single run" if len(self.members) == 1 else "mean of the members' calibrated probabilities",
             "temperatures": [m.calibration_for(mode)["temperature"] for m in self.members]}

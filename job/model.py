@@ -2,8 +2,12 @@
 
 inner model (what `best_model.keras` holds, input preprocessed as the seed's
 inference example feeds it, any image size):
-  ResNet-50 (no top, BatchNorm frozen: never trainable, so in inference mode) → GlobalAveragePooling →
-  Dropout(0.3) → Dense(one per class of the shards' manifest, softmax, float32)
+  [a float32 front that turns that input into what the backbone takes: job/backbones.py] →
+  the backbone (`--backbone`, no top, BatchNorm frozen: never trainable, so in inference
+  mode) → GlobalAveragePooling → Dropout(0.3) → Dense(one per class of the shards'
+  manifest, softmax, float32)
+
+  ResNet-50, the default, takes that input as is: its inner model is the seed's.
 
 training wrapper (never saved as a model; runs on the accelerator, and
 compiles under XLA whole):
@@ -13,13 +17,11 @@ compiles under XLA whole):
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from job import augment as augment_lib, config as config_lib
+from job import augment as augment_lib, backbones
 from tfrecords import cli, fileio
-
-BACKBONE_NAME = "resnet50"
-BACKBONE_LAYERS = config_lib.BACKBONE_LAYERS
 
 
 def preprocess(images):
@@ -36,37 +38,69 @@ class ResNetPreprocess(keras.layers.Layer):
     return preprocess(inputs)
 
 
-def build_backbone(weights: str) -> keras.Model:
-  """ResNet-50 without its top. weights: "imagenet", "none", or a local or gs:// weights file."""
+def build_backbone(weights: str, backbone: str = backbones.DEFAULT) -> keras.Model:
+  """The backbone without its top (job/backbones.py). weights: "imagenet", "none", or a local or
+  gs:// weights file of that backbone without its top."""
+  spec = backbones.get(backbone)
   if weights not in ("imagenet", "none") and not tf.io.gfile.exists(weights):
     raise FileNotFoundError(f"--weights={weights}: no such file (expected imagenet, none, or a "
-                            "ResNet-50 no-top weights file, local or gs://)")
-  # "imagenet": Keras downloads the weights once and caches them in ~/.keras.
-  backbone = keras.applications.ResNet50(include_top=False, input_shape=(None, None, 3),
-                                         weights="imagenet" if weights == "imagenet" else None,
-                                         name=BACKBONE_NAME)
+                            f"{spec.application} no-top weights file, local or gs://)")
+  # "imagenet": Keras downloads the weights once and caches them in ~/.keras (a file named after
+  # the application's own model name, which is why the backbone keeps it).
+  model = getattr(keras.applications, spec.application)(
+      include_top=False, input_shape=(None, None, 3), weights="imagenet" if weights == "imagenet" else None,
+      **dict(spec.options))
   if weights not in ("imagenet", "none"):
     try:
-      backbone.load_weights(fileio.copy_to_local(weights))  # h5py opens local files only
+      model.load_weights(fileio.copy_to_local(weights))  # h5py opens local files only
     except (ValueError, OSError, KeyError) as e:
-      raise cli.UserError(f"--weights={weights} is not a ResNet-50 no-top weights file "
-                          f"({str(e).splitlines()[0][:200]})") from None
-  return backbone
+      raise cli.UserError(f"--weights={weights} is not a {spec.application} no-top weights file (--backbone="
+                          f"{backbone}): {str(e).splitlines()[0][:200]}") from None
+  if spec.cut_stem_at:
+    model = keras.Model(model.get_layer(spec.cut_stem_at).input, model.output, name=model.name)
+  return model
 
 
-def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3) -> keras.Model:
-  backbone = build_backbone(weights)
+def input_front(spec: backbones.Backbone) -> list[keras.layers.Layer]:
+  """Layers that turn the inner model's input ("caffe": BGR minus the mean) into what the
+  backbone takes, in float32 whatever the policy (job/backbones.py)."""
+  if spec.scaling == "caffe":
+    return []
+  to_rgb = keras.layers.Conv2D(3, 1, use_bias=False, trainable=False, dtype="float32", name="bgr_to_rgb",
+                               kernel_initializer=keras.initializers.Constant(np.eye(3)[::-1].reshape(1, 1, 3, 3)))
+  front = [keras.layers.Rescaling(1.0, offset=list(backbones.CAFFE_MEAN_BGR), dtype="float32", name="undo_caffe_mean"),
+           to_rgb]
+  if spec.scaling == "mean_std":
+    front.append(keras.layers.Normalization(mean=list(backbones.IMAGENET_MEAN_RGB), dtype="float32",
+                                            variance=[s ** 2 for s in backbones.IMAGENET_STD_RGB],
+                                            name="imagenet_mean_std"))
+  elif spec.scaling == "symmetric":
+    front.append(keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32", name="to_symmetric"))
+  elif spec.scaling == "v2":
+    front.append(keras.layers.Rescaling(1 / 128.0, offset=-1.0, dtype="float32", name="to_symmetric"))
+  else:
+    raise ValueError(spec.scaling)
+  return front
+
+
+def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
+                      backbone: str = backbones.DEFAULT) -> keras.Model:
+  spec = backbones.get(backbone)
+  network = build_backbone(weights, backbone)
   inputs = keras.Input((None, None, 3), name="image")
+  x = inputs
+  for layer in input_front(spec):
+    x = layer(x)
   # BatchNorm keeps ImageNet's statistics in both stages because no BatchNorm layer is ever
   # trainable (set_trainable_for_stage): Keras uses batch statistics only when `training and
   # self.trainable`. The training=False here does not hold on its own: Keras 3.15 replaces a
   # nested model's recorded `training` with the outer call's (the wrapper's training=True).
-  x = backbone(inputs, training=False)
+  x = network(x, training=False)
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
   x = keras.layers.Dropout(dropout, name="dropout")(x)
   outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                name="probabilities")(x)
-  return keras.Model(inputs, outputs, name="ham10000_resnet50")
+  return keras.Model(inputs, outputs, name=spec.model_name)
 
 
 def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
@@ -88,21 +122,39 @@ def augmentation(seed: int = 0) -> keras.layers.Layer:
                                     seed=seed, name="augment")
 
 
+def backbone_name(inner: keras.Model) -> str:
+  """The --backbone an inner model was built with (its name says it)."""
+  name = inner.name.removeprefix("ham10000_")
+  if name not in backbones.REGISTRY:
+    raise ValueError(f"{inner.name} is not an inner model of this job")
+  return name
+
+
 def backbone_of(inner: keras.Model) -> keras.Model:
-  return inner.get_layer(BACKBONE_NAME)
+  return next(layer for layer in inner.layers if isinstance(layer, keras.Model))
 
 
-def set_trainable_for_stage(inner: keras.Model, stage: int, fine_tune_layers: int = 50):
-  """Stage 1: only the head trains. Stage 2: also the top `fine_tune_layers` backbone
-  layers, BatchNorm excepted (its statistics stay ImageNet's). Recompile afterwards."""
+def flattened(model: keras.Model) -> list[keras.layers.Layer]:
+  """A model's layers, those of nested models (ConvNeXt's stages) in their place."""
+  return [leaf for layer in model.layers
+          for leaf in (flattened(layer) if isinstance(layer, keras.Model) else [layer])]
+
+
+def set_trainable_for_stage(inner: keras.Model, stage: int, fine_tune_layers: int | None = None):
+  """Stage 1: only the head trains. Stage 2: also the top `fine_tune_layers` layers of the
+  flattened backbone (default: the backbone's own share, job/backbones.py), BatchNorm excepted
+  (its statistics stay ImageNet's; ConvNeXt's LayerNorms keep none, and train with the rest).
+  Recompile afterwards."""
   backbone = backbone_of(inner)
+  layers = flattened(backbone)
   backbone.trainable = stage == 2
   if stage == 2:
-    cut = len(backbone.layers) - fine_tune_layers
-    for index, layer in enumerate(backbone.layers):
+    count = backbones.get(backbone_name(inner)).fine_tune_layers if fine_tune_layers is None else fine_tune_layers
+    cut = len(layers) - min(count, len(layers))
+    for index, layer in enumerate(layers):
       layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
   # The rule that keeps BatchNorm in inference mode (see build_inner_model): never trainable.
-  trainable_batchnorm = [layer.name for layer in backbone.layers
+  trainable_batchnorm = [layer.name for layer in layers
                          if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
   if trainable_batchnorm:
     raise AssertionError(f"BatchNorm layers must stay frozen, found trainable: {trainable_batchnorm[:3]}")
@@ -117,7 +169,7 @@ def float32_copy(inner: keras.Model) -> keras.Model:
   keras.mixed_precision.set_global_policy("float32")
   try:
     copy = build_inner_model("none", num_classes=inner.output_shape[-1],
-                             dropout=inner.get_layer("dropout").rate)
+                             dropout=inner.get_layer("dropout").rate, backbone=backbone_name(inner))
   finally:
     keras.mixed_precision.set_global_policy(policy)
   copy.set_weights(inner.get_weights())

@@ -30,27 +30,34 @@ import uuid
 import tensorflow as tf
 from absl import logging
 
-from job import artifacts, config as config_lib
+from job import artifacts, backbones, config as config_lib
 from tfrecords import cli, fileio
 
 # What shapes stage 1, and stage 2 on top of it. --jit_compile too: the augmentation's stateless
 # draws differ compiled and not, so a run resumed with the other setting draws another stream.
-STAGE1_SETTINGS = ("image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
+STAGE1_SETTINGS = ("backbone", "image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
                    "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug",
                    "jit_compile", "fold")
 STAGE2_SETTINGS = STAGE1_SETTINGS + ("fine_tune_layers",)
 # Settings that records written before they were fingerprinted do not hold: not a difference.
 ADDED_LATER = ("jit_compile",)
+# Settings that such records held implicitly: the value they were written with.
+IMPLIED_BEFORE = {"backbone": backbones.DEFAULT}
 
 
 def fingerprint(cfg: config_lib.TrainConfig, manifest_sha256: str, stage: int) -> dict:
-  """The settings that shaped `stage` (and the stages before it), with the shards' manifest."""
+  """The settings that shaped `stage` (and the stages before it), with the shards' manifest;
+  the layers stage 2 fine-tunes as a count, the backbone's default resolved."""
   names = STAGE1_SETTINGS if stage == 1 else STAGE2_SETTINGS
-  return {"manifest_sha256": manifest_sha256, **{name: getattr(cfg, name) for name in names}}
+  values = {name: getattr(cfg, name) for name in names}
+  if "fine_tune_layers" in values and values["fine_tune_layers"] is None:
+    values["fine_tune_layers"] = backbones.get(cfg.backbone).fine_tune_layers
+  return {"manifest_sha256": manifest_sha256, **values}
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
   """'name: old → new' for each setting the two fingerprints disagree on."""
+  recorded = {**IMPLIED_BEFORE, **recorded}
   return [f"{name}: {recorded.get(name)!r} → {current.get(name)!r}" for name in current
           if recorded.get(name) != current.get(name) and (name in recorded or name not in ADDED_LATER)]
 

@@ -285,7 +285,7 @@ def build_models(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                  num_classes: int) -> tuple[keras.Model, keras.Model]:
   """The inner model and the training wrapper around it, in the strategy's scope."""
   with strategy.scope():
-    inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes)
+    inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes, backbone=cfg.backbone)
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
   return inner, wrapper
 

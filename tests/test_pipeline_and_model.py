@@ -118,6 +118,7 @@ def test_inner_model_structure(inner):
   assert inner.input_shape == (None, None, None, 3)  # any image size, the seed's 224 included
   assert inner.output_shape == (None, 7)
   assert [l.name for l in inner.layers[1:]] == ["resnet50", "avg_pool", "dropout", "probabilities"]
+  assert inner.name == "ham10000_resnet50" and model_lib.backbone_name(inner) == "resnet50"
   assert inner.get_layer("dropout").rate == 0.3
   assert inner.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
   assert inner(np.zeros((1, 224, 224, 3), np.float32)).shape == (1, 7)

@@ -50,6 +50,16 @@ def test_a_model_dir_holding_another_run_is_refused_then_cleared_on_overwrite(tm
   stage2_only = config_lib.TrainConfig(**{**earlier.__dict__, "fine_tune_layers": 10})
   with pytest.raises(cli.UserError, match="fine_tune_layers: 50 → 10"):
     run_state.check(stage2_only, "sha-a", overwrite=False, chief=True)
+  seeds_count = config_lib.TrainConfig(**{**earlier.__dict__, "fine_tune_layers": 50})  # ResNet-50's default, given
+  run_state.check(seeds_count, "sha-a", overwrite=False, chief=True)
+  another_backbone = config_lib.TrainConfig(**{**earlier.__dict__, "backbone": "efficientnet_b0"})
+  with pytest.raises(cli.UserError, match="backbone: 'resnet50' → 'efficientnet_b0'"):
+    run_state.check(another_backbone, "sha-a", overwrite=False, chief=True)
+  # Records from before --backbone existed were ResNet-50's.
+  before_backbones = {k: v for k, v in run_state.fingerprint(earlier, "sha-a", 2).items() if k != "backbone"}
+  assert run_state.differences(before_backbones, run_state.fingerprint(earlier, "sha-a", 2)) == []
+  assert run_state.differences(before_backbones, run_state.fingerprint(another_backbone, "sha-a", 2)) == [
+      "backbone: 'resnet50' → 'efficientnet_b0'", "fine_tune_layers: 50 → 75"]
   assert json.load(open(tmp_path / "run" / "run_config.json")) == {"image_size": 64}  # untouched
 
   run_state.check(other, "sha-a", overwrite=True, chief=False)  # another worker: clears nothing
@@ -211,10 +221,13 @@ def test_nonsense_learning_rates_and_layer_counts_are_refused():
   for flag, value in (("stage1_lr", -1.0), ("stage2_lr", 0.0), ("stage1_lr", float("nan"))):
     with pytest.raises(cli.UserError, match=f"--{flag}={value} must be a positive learning rate"):
       config_lib.validated(config_lib.TrainConfig(data_dir="d", **{flag: value}))
-  with pytest.raises(cli.UserError, match="--fine_tune_layers=10000: the ResNet-50 backbone has 175 layers"):
+  with pytest.raises(cli.UserError, match="--fine_tune_layers=10000: the resnet50 backbone has 175 layers"):
     config_lib.validated(config_lib.TrainConfig(data_dir="d", fine_tune_layers=10000))
-  from job import model as model_lib
-  assert len(model_lib.build_backbone("none").layers) == model_lib.BACKBONE_LAYERS
+  with pytest.raises(cli.UserError, match="--fine_tune_layers=137: the convnext_tiny backbone has 136 layers"):
+    config_lib.validated(config_lib.TrainConfig(data_dir="d", backbone="convnext_tiny", fine_tune_layers=137))
+  config_lib.validated(config_lib.TrainConfig(data_dir="d", backbone="efficientnet_b4", fine_tune_layers=400))
+  with pytest.raises(cli.UserError, match="--backbone=resnet51: expected one of resnet50, resnet50v2, "):
+    config_lib.validated(config_lib.TrainConfig(data_dir="d", backbone="resnet51"))
 
 
 def test_a_nan_loss_stops_the_stage_and_keeps_the_best_model(tmp_path):
