@@ -42,7 +42,7 @@ import time
 
 from absl import flags, logging
 
-from job import accelerators
+from job import accelerators, backbones
 from tfrecords import cli
 
 FLAGS = flags.FLAGS
@@ -72,6 +72,8 @@ def define_flags():
   flags.DEFINE_integer("folds", 0, "Submit the K folds of a cross-validation as K jobs (shards converted with "
                        "--folds=K); 0: one job.", lower_bound=0)
   flags.DEFINE_bool("tune", False, "Submit a HyperparameterTuningJob over TUNED_PARAMETERS instead.")
+  flags.DEFINE_list("tune_backbones", [], "With --tune: also search --backbone among these (a categorical "
+                    "parameter; fine_tune_layers then stays within the smallest one's layers).")
   flags.DEFINE_integer("max_trials", 20, "With --tune: trials in all.")
   flags.DEFINE_integer("parallel_trials", 4, "With --tune: trials at a time.")
   flags.DEFINE_bool("wait", False, "Follow the job until it ends, printing each state change; exit 1 "
@@ -288,9 +290,11 @@ def monitor_of(passthrough: list[str]) -> str:
   return parse_trainer_flags(passthrough).monitor
 
 
-def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_trials: int):
+def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_trials: int,
+                     tune_backbones: tuple[str, ...] = ()):
   """The HyperparameterTuningJob whose every trial runs `custom_job`'s spec with TUNED_PARAMETERS
-  appended to the trainer's arguments; the metric is what the job's HypertuneReporter reports."""
+  (and --backbone among `tune_backbones`, if any) appended to the trainer's arguments; the metric
+  is what the job's HypertuneReporter reports."""
   from google.cloud import aiplatform_v1 as v1  # pylint: disable=g-import-not-at-top
   if max_trials < 1:
     raise cli.UserError(f"--max_trials={max_trials} must be at least 1")
@@ -308,13 +312,23 @@ def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_tria
     pool.container_spec.args = [*pool.container_spec.args, *TRIAL_ARGS]
   study = v1.StudySpec
   parameters = []
+  unknown = [name for name in tune_backbones if name not in backbones.REGISTRY]
+  if unknown:
+    raise cli.UserError(f"--tune_backbones: {', '.join(unknown)} (expected some of {', '.join(backbones.NAMES)})")
+  fewest_layers = min((backbones.get(name).layers for name in tune_backbones), default=None)
   for name, kind, low, high, scale in TUNED_PARAMETERS:
+    if name == "fine_tune_layers" and fewest_layers is not None:
+      high = min(high, fewest_layers)  # every trial's backbone has that many
     parameter = study.ParameterSpec(parameter_id=name, scale_type=study.ParameterSpec.ScaleType[scale])
     if kind == "double":
       parameter.double_value_spec = study.ParameterSpec.DoubleValueSpec(min_value=low, max_value=high)
     else:
       parameter.integer_value_spec = study.ParameterSpec.IntegerValueSpec(min_value=low, max_value=high)
     parameters.append(parameter)
+  if tune_backbones:
+    parameters.append(study.ParameterSpec(
+        parameter_id="backbone",
+        categorical_value_spec=study.ParameterSpec.CategoricalValueSpec(values=list(dict.fromkeys(tune_backbones)))))
   goal = study.MetricSpec.GoalType.MINIMIZE if monitor.endswith("loss") else study.MetricSpec.GoalType.MAXIMIZE
   study_spec = study(metrics=[study.MetricSpec(metric_id=monitor, goal=goal)], parameters=parameters,
                      # The job keeps its best epoch's model: a trial is worth its best epoch.
@@ -495,7 +509,9 @@ def main(argv):
     raise cli.UserError("--preflight checks one machine shape before a run; give it without --tune")
   if FLAGS.tune:
     job = build_tuning_job(job, monitor=monitor_of(passthrough), max_trials=FLAGS.max_trials,
-                           parallel_trials=FLAGS.parallel_trials)
+                           parallel_trials=FLAGS.parallel_trials, tune_backbones=tuple(FLAGS.tune_backbones))
+  elif FLAGS.tune_backbones:
+    raise cli.UserError("--tune_backbones searches backbones in a tuning job: give it with --tune")
   if FLAGS.dry_run:
     print_dry_run(job, FLAGS.output)
     return

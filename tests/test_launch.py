@@ -96,6 +96,18 @@ def test_vertex_tuning_job_searches_the_learning_rates_for_the_jobs_monitor(moni
   assert job["trialJobSpec"]["scheduling"]["timeout"] == "86400s"  # each trial bounded
 
 
+def test_vertex_tuning_job_can_search_the_backbone_among_those_given():
+  custom = _custom_job(machine_type="g2-standard-8", accelerator_type="NVIDIA_L4", passthrough=[])
+  job = vertex.rest_json(vertex.build_tuning_job(custom, monitor="val_f1", max_trials=4, parallel_trials=2,
+                                                tune_backbones=("resnet50", "convnext_tiny")))
+  vertex_types().HyperparameterTuningJob.from_json(json.dumps(job))
+  parameters = {p["parameterId"]: p for p in job["studySpec"]["parameters"]}
+  assert parameters["backbone"]["categoricalValueSpec"]["values"] == ["resnet50", "convnext_tiny"]
+  assert parameters["fine_tune_layers"]["integerValueSpec"]["maxValue"] == "136"  # ConvNeXt-Tiny's layers
+  with pytest.raises(vertex.cli.UserError, match="--tune_backbones: resnet51 "):
+    vertex.build_tuning_job(custom, monitor="val_f1", max_trials=4, parallel_trials=2, tune_backbones=("resnet51",))
+
+
 @pytest.mark.parametrize("flag", ["--evaluate", "--serving=true"])
 def test_vertex_tune_refuses_a_trial_that_would_evaluate_the_test_split(flag):
   with pytest.raises(vertex.cli.UserError, match=f"{re.escape(flag)}: tuning trials never evaluate"):
