@@ -70,3 +70,11 @@ def test_bench_cross_validation(work_dir):
   for key in ("flip_vs_none", "dihedral_vs_none", "ensemble_vs_one", "folded_vs_today_first_epoch",
               "folded_vs_today_cached"):
     assert figures[key] > 0, key
+
+
+def test_bench_backbones(work_dir):
+  figures = last_json_line(run_module("bench.backbones", f"--work_dir={work_dir}", "--num_images=300",
+                                      "--image_size=32", "--backbones=efficientnet_b0", "--steps=2", "--epochs=1",
+                                      "--rounds=1"))
+  assert set(figures) == {"bench", "image_size", "batch_size", "efficientnet_b0_step_vs_resnet50"}
+  assert figures["efficientnet_b0_step_vs_resnet50"] > 0
