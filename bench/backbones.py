@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   flags.DEFINE_list("backbones", [name for name in backbones.NAMES if name != backbones.DEFAULT],
                     "Backbones to time against resnet50.")
-  flags.DEFINE_integer("num_images", 200, "Synthetic images.")
+  flags.DEFINE_integer("num_images", 300, "Synthetic images.")
   flags.DEFINE_integer("image_size", 64, "Training image size.")
   flags.DEFINE_integer("batch_size", 16, "Batch size.")
   flags.DEFINE_integer("steps", 5, "Steps per timed epoch.")
