@@ -1,4 +1,5 @@
-"""The seed's augmentation, written so that XLA (and so a TPU) compiles it.
+"""The augmentation, written so that XLA (and so a TPU) compiles it: the seed's
+(RandomAugmentation, `--augment=seed`) and the dermoscopy preset (DermoscopyAugmentation).
 
 Keras's `RandomRotation` and `RandomZoom` call `ImageProjectiveTransformV3`,
 which has no XLA kernel in TensorFlow 2.21 (tensorflow/tensorflow#42454; the
@@ -35,9 +36,10 @@ def reflect(coordinate: tf.Tensor, size: int) -> tf.Tensor:
   return tf.clip_by_value(folded, 0.0, size - 1.0)
 
 
-def affine_sample(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
+def affine_sample(images: tf.Tensor, matrices: tf.Tensor, shifts: tf.Tensor | None = None) -> tf.Tensor:
   """Bilinear sampling of `images` (B, H, W, C) where the output pixel p reads the input at
-  c + M·(p − c), c the image centre and M (B, 2, 2) one matrix per image, acting on (x, y)."""
+  c + M·(p − c) + t, c the image centre, M (B, 2, 2) one matrix per image acting on (x, y), and
+  t (B, 2) a shift in pixels (default none)."""
   batch, height, width, channels = images.shape
   batch = batch if batch is not None else tf.shape(images)[0]
   center = tf.constant([(width - 1) / 2.0, (height - 1) / 2.0], tf.float32)
@@ -45,6 +47,8 @@ def affine_sample(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
                        indexing="ij")
   offsets = tf.stack([xs, ys], axis=-1) - center  # (H, W, 2), (x, y) order
   source = tf.einsum("bij,hwj->bhwi", matrices, offsets) + center
+  if shifts is not None:
+    source += shifts[:, None, None, :]
   x = reflect(source[..., 0], width)
   y = reflect(source[..., 1], height)
   x0, y0 = tf.floor(x), tf.floor(y)
@@ -142,3 +146,108 @@ class RandomAugmentation(keras.layers.Layer):
   def get_config(self):
     return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
             "contrast": self.contrast, "value_range": self.value_range, "seed": self.seed}
+
+
+# What the dermoscopy preset's cutout fills with: ImageNet's mean RGB, which the inner model's
+# preprocessing maps to zero (the "zero" of cutout as it is applied to normalised images).
+CUTOUT_FILL_RGB = (123.68, 116.779, 103.939)
+
+
+def quarter_turns(images: tf.Tensor, turns: tf.Tensor) -> tf.Tensor:
+  """Each square image (B, S, S, C) turned by `turns` (B,) × 90° counter-clockwise, exactly as
+  numpy.rot90 turns it (gathers: no resampling)."""
+  candidates = [images]
+  for _ in range(3):
+    candidates.append(tf.reverse(tf.transpose(candidates[-1], [0, 2, 1, 3]), axis=[1]))  # one more turn
+  stacked = tf.stack(candidates, axis=1)  # (B, 4, S, S, C)
+  return tf.gather(stacked, tf.cast(turns, tf.int32), axis=1, batch_dims=1)
+
+
+def flip(images: tf.Tensor, where: tf.Tensor, axis: int) -> tf.Tensor:
+  """`images` mirrored along `axis` (1: up-down, 2: left-right) where `where` (B,) is true."""
+  return tf.where(where[:, None, None, None], tf.reverse(images, axis=[axis]), images)
+
+
+def hue_rotation(angles: tf.Tensor) -> tf.Tensor:
+  """(B, 3, 3) rotations of RGB about the grey axis by `angles` (radians): a hue shift that keeps
+  grey grey and each pixel's mean, with a matrix product (Rodrigues' formula)."""
+  cos, sin = tf.cos(angles)[:, None, None], tf.sin(angles)[:, None, None]
+  third, root = 1.0 / 3.0, math.sqrt(1.0 / 3.0)
+  cross = tf.constant([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) * root  # [u]×, u = (1,1,1)/√3
+  outer = tf.fill([3, 3], third)
+  return cos * tf.eye(3) + sin * cross + (1.0 - cos) * outer
+
+
+def adjust_colour(images, brightness, contrast, saturation, hue, value_range=(0.0, 255.0)):
+  """Per image: hue turned by `hue` radians, saturation × `saturation` (about each pixel's
+  grey), contrast × `contrast` (about the image's mean), plus `brightness` (grey levels); clipped."""
+  x = tf.einsum("bij,bhwj->bhwi", hue_rotation(hue), images)
+  grey = tf.reduce_mean(x, axis=-1, keepdims=True)
+  x = grey + (x - grey) * saturation[:, None, None, None]
+  mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+  x = mean + (x - mean) * contrast[:, None, None, None] + brightness[:, None, None, None]
+  return tf.clip_by_value(x, value_range[0], value_range[1])
+
+
+def cutout(images: tf.Tensor, centres: tf.Tensor, side: float) -> tf.Tensor:
+  """One square of `side` × the image's side per image, at `centres` (B, 2: y, x, in [0, 1)),
+  filled with CUTOUT_FILL_RGB (clipped at the borders)."""
+  _, height, width, _ = images.shape
+  half = side * height / 2.0
+  ys = tf.range(height, dtype=tf.float32)[None, :, None]
+  xs = tf.range(width, dtype=tf.float32)[None, None, :]
+  cy, cx = (centres[:, 0] * height)[:, None, None], (centres[:, 1] * width)[:, None, None]
+  inside = (tf.abs(ys + 0.5 - cy) <= half) & (tf.abs(xs + 0.5 - cx) <= half)
+  return tf.where(inside[..., None], tf.constant(CUTOUT_FILL_RGB, images.dtype), images)
+
+
+@keras.saving.register_keras_serializable(package="ham10000")
+class DermoscopyAugmentation(RandomAugmentation):
+  """`--augment=dermoscopy`: what the ISIC winners add to the seed's, since a dermoscopy image
+  has no up and its colour varies with the device. Per image, in this order: a random quarter
+  turn and up-down and left-right flips (exact: the 8 symmetries of the square); a rotation by
+  ±`rotation`·360°, a scale by 1 ± `zoom` and a shift by ±`shift` of the side (one bilinear
+  resampling, "reflect" fill); hue, saturation, contrast and brightness jitter in 0-255 space;
+  then, with probability `cutout_probability`, one square hole of `cutout` × the side.
+
+  XLA compiles it, and each replica draws its own (RandomAugmentation's random source)."""
+
+  def __init__(self, rotation=0.125, zoom=0.1, shift=0.1, brightness=0.1, contrast=0.1, saturation=0.1,
+               hue=0.05, cutout=0.3, cutout_probability=0.5, value_range=(0.0, 255.0), seed=None, **kwargs):
+    super().__init__(rotation=rotation, zoom=zoom, contrast=contrast, value_range=value_range, seed=seed,
+                     **kwargs)
+    self.shift, self.brightness, self.saturation, self.hue = shift, brightness, saturation, hue
+    self.cutout, self.cutout_probability = cutout, cutout_probability
+
+  def draw(self, batch_size, uniform=None, replica=None):
+    if uniform is None:
+      replica = replica_in_sync_group() if replica is None else replica
+      uniform = functools.partial(self._uniform, replica=replica)
+    shape = (batch_size,)
+    draws = super().draw(batch_size, uniform=uniform)  # angles, zooms, flips (left-right), contrasts
+    span = self.value_range[1] - self.value_range[0]
+    return {**draws,
+            "turns": tf.floor(uniform(shape, 0.0, 4.0 - 1e-3)),
+            "flips_up_down": uniform(shape, 0.0, 1.0) < 0.5,
+            "shifts": tf.stack([uniform(shape, -self.shift, self.shift) for _ in range(2)], axis=-1),
+            "brightness": uniform(shape, -self.brightness, self.brightness) * span,
+            "saturation": uniform(shape, 1.0 - self.saturation, 1.0 + self.saturation),
+            "hue": uniform(shape, -self.hue, self.hue) * 2.0 * math.pi,
+            "cutout_centres": tf.stack([uniform(shape, 0.0, 1.0) for _ in range(2)], axis=-1),
+            "cutout_on": uniform(shape, 0.0, 1.0) < self.cutout_probability}
+
+  def apply(self, images, angles, zooms, flips, contrasts, turns, flips_up_down, shifts, brightness,
+            saturation, hue, cutout_centres, cutout_on):
+    x = flip(flip(quarter_turns(images, turns), flips_up_down, axis=1), flips, axis=2)
+    no_mirror = tf.zeros_like(flips)  # mirrored above, exactly
+    side = float(images.shape[2])
+    x = affine_sample(x, transform_matrices(angles, zooms, no_mirror), shifts * side)
+    x = adjust_colour(x, brightness, contrasts, saturation, hue, self.value_range)
+    if self.cutout > 0:
+      x = tf.where(cutout_on[:, None, None, None], cutout(x, cutout_centres, self.cutout), x)
+    return x
+
+  def get_config(self):
+    return {**super().get_config(), "shift": self.shift, "brightness": self.brightness,
+            "saturation": self.saturation, "hue": self.hue, "cutout": self.cutout,
+            "cutout_probability": self.cutout_probability}

@@ -22,6 +22,9 @@ MIXED_PRECISION = ("auto", "float16", "bfloat16", "off")  # job/performance.py
 JIT_COMPILE = ("auto", "on", "off")
 CACHE_MODES = ("auto", "memory", "disk", "none")  # job/data.py
 LR_SCALING = ("sqrt", "linear", "none")  # job/optimization.py
+AUGMENT = ("seed", "dermoscopy")  # job/augment.py
+# The dermoscopy preset's strengths (--aug_<name>), each a TrainConfig field "aug_<name>".
+AUGMENT_STRENGTHS = ("rotation", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "cutout")
 MIN_IMAGE_SIZE = 32
 
 
@@ -48,6 +51,16 @@ class TrainConfig:
   lr_scaling: str = "sqrt"
   base_batch_size: int = 32
   warmup_epochs: float = 1.0
+  augment: str = "seed"
+  aug_rotation: float = 0.125  # of a full turn: ±45°, beside the quarter turns
+  aug_zoom: float = 0.1
+  aug_shift: float = 0.1  # of the side
+  aug_brightness: float = 0.1  # of the value range
+  aug_contrast: float = 0.1
+  aug_saturation: float = 0.1
+  aug_hue: float = 0.05  # of a full turn of hue
+  aug_cutout: float = 0.3  # the hole's side, of the image's; 0: none
+  label_smoothing: float = 0.0
   monitor: str = "val_f1"
   patience: int = 6
   class_weights: bool = True
@@ -137,6 +150,17 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   integer("base_batch_size", d("base_batch_size"), "The batch the learning rates are for.")
   floating("warmup_epochs", d("warmup_epochs"), "Linear warm-up to the learning rate at the "
            "start of each stage, in epochs (fractions allowed; 0: none).")
+  enum("augment", d("augment"), AUGMENT, "seed: the seed's flip, rotation, zoom and contrast; "
+       "dermoscopy: quarter turns and both flips, rotation, scale, shift, brightness/contrast/saturation/"
+       "hue jitter and cutout, with the strengths of the --aug_* flags (docs/training.md).")
+  for name, what in (("rotation", "rotation, a fraction of a full turn either way"), ("zoom", "scale, ± a fraction"),
+                     ("shift", "shift, ± a fraction of the side"), ("brightness", "brightness, ± a fraction of 255"),
+                     ("contrast", "contrast, × 1 ± this"), ("saturation", "saturation, × 1 ± this"),
+                     ("hue", "hue, ± a fraction of a full turn"), ("cutout", "cutout's side, a fraction of "
+                                                                     "the image's (0: none)")):
+    floating(f"aug_{name}", d(f"aug_{name}"), f"--augment=dermoscopy: {what}.")
+  floating("label_smoothing", d("label_smoothing"), "Label smoothing of the loss (0: none); the class "
+           "weights follow the hard label.")
   enum("monitor", d("monitor"), MONITORS, "Metric for the best model and early stopping "
        "(val_f1: Keras's macro F1Score).")
   integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
@@ -208,6 +232,11 @@ def validated(cfg: TrainConfig) -> TrainConfig:
   if cfg.image_size < MIN_IMAGE_SIZE:
     raise cli.UserError(f"--image_size={cfg.image_size}: the backbones halve an image five times, so they take "
                         f"{MIN_IMAGE_SIZE} px or more")
+  for name in (*(f"aug_{n}" for n in AUGMENT_STRENGTHS), "label_smoothing"):
+    if not 0 <= getattr(cfg, name) < 1:
+      raise cli.UserError(f"--{name}={getattr(cfg, name)} must be at least 0 and below 1")
+  if cfg.augment not in AUGMENT:
+    raise cli.UserError(f"--augment={cfg.augment}: expected one of {', '.join(AUGMENT)}")
   for name in ("stage1_lr", "stage2_lr"):
     if not 0 < getattr(cfg, name) < float("inf"):
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be a positive learning rate")

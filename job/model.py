@@ -104,12 +104,15 @@ def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
 
 
 def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
-                         augment: bool = True) -> keras.Model:
-  """augment=False leaves the random layers out (benchmarks measure what they cost)."""
+                         augment: "bool | keras.layers.Layer" = True) -> keras.Model:
+  """augment: True, the seed's augmentation; a layer (`augmentation_of`); False leaves the
+  random layers out (benchmarks measure what they cost)."""
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image_uint8")
   x = keras.ops.cast(inputs, "float32")  # layers below cast on to the policy's compute dtype
-  if augment:
-    x = augmentation(seed)(x)
+  if augment is True:
+    augment = augmentation(seed)
+  if augment is not False:
+    x = augment(x)
   x = ResNetPreprocess(name="preprocess")(x)
   outputs = inner(x)
   return keras.Model(inputs, outputs, name="training_wrapper")
@@ -120,6 +123,16 @@ def augmentation(seed: int = 0) -> keras.layers.Layer:
   that XLA compiles (Keras's RandomRotation and RandomZoom do not)."""
   return augment_lib.RandomAugmentation(rotation=0.1, zoom=0.1, contrast=0.1, value_range=(0, 255),
                                     seed=seed, name="augment")
+
+
+def augmentation_of(cfg) -> keras.layers.Layer:
+  """The augmentation a TrainConfig asks for (--augment and its --aug_* strengths)."""
+  if cfg.augment == "seed":
+    return augmentation(cfg.seed)
+  return augment_lib.DermoscopyAugmentation(
+      rotation=cfg.aug_rotation, zoom=cfg.aug_zoom, shift=cfg.aug_shift, brightness=cfg.aug_brightness,
+      contrast=cfg.aug_contrast, saturation=cfg.aug_saturation, hue=cfg.aug_hue, cutout=cfg.aug_cutout,
+      value_range=(0, 255), seed=cfg.seed, name="augment")
 
 
 def backbone_name(inner: keras.Model) -> str:

@@ -78,16 +78,18 @@ class ClassWeightedCrossentropy(keras.losses.Loss):
   accuracy and F1 stay unweighted figures; the validation loss is the same
   class-weighted objective as the training loss."""
 
-  def __init__(self, class_weights, name="class_weighted_crossentropy", **kwargs):
+  def __init__(self, class_weights, label_smoothing=0.0, name="class_weighted_crossentropy", **kwargs):
     super().__init__(name=name, **kwargs)
     self.class_weights = [float(w) for w in class_weights]
+    self.label_smoothing = float(label_smoothing)
 
   def call(self, y_true, y_pred):
+    # The weight of the hard label, the smoothing applied after (--label_smoothing).
     weights = keras.ops.sum(y_true * keras.ops.convert_to_tensor(self.class_weights, y_true.dtype), axis=-1)
-    return keras.losses.categorical_crossentropy(y_true, y_pred) * weights
+    return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing) * weights
 
   def get_config(self):
-    return {**super().get_config(), "class_weights": self.class_weights}
+    return {**super().get_config(), "class_weights": self.class_weights, "label_smoothing": self.label_smoothing}
 
 
 def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: config_lib.TrainConfig,
@@ -95,8 +97,8 @@ def compile_model(wrapper: keras.Model, strategy: tf.distribute.Strategy, cfg: c
                   class_weights: np.ndarray | None = None):
   """(Re)compiles the wrapper: needed after changing `trainable`. The metrics are weighted
   metrics: the validation padding weighs 0 in them (training batches carry no weights)."""
-  loss = (ClassWeightedCrossentropy(class_weights) if class_weights is not None
-          else keras.losses.CategoricalCrossentropy())
+  loss = (ClassWeightedCrossentropy(class_weights, cfg.label_smoothing) if class_weights is not None
+          else keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing))
   with strategy.scope():
     wrapper.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -286,7 +288,7 @@ def build_models(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
   """The inner model and the training wrapper around it, in the strategy's scope."""
   with strategy.scope():
     inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes, backbone=cfg.backbone)
-    wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed)
+    wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, model_lib.augmentation_of(cfg))
   return inner, wrapper
 
 
