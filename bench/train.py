@@ -8,7 +8,8 @@ one in-memory batch over and over. Each is timed over `--epochs` epochs after
 one warm-up epoch (tracing, cache fill), alternately, and the ratio is taken
 pair by pair. Then the same job under variants: mixed_bfloat16,
 steps_per_execution, XLA (augmentation included: job/augment.py compiles under
-XLA), the augmentation left out (to see what running it in the step costs), and
+XLA), the augmentation left out (to see what running it in the step costs), the
+dermoscopy preset in place of the seed's (`--augment=dermoscopy`), and
 last --deterministic (op determinism, which cannot be undone in a process).
 """
 
@@ -68,6 +69,7 @@ def main(argv):
         "steps_per_execution_8": (dataclasses.replace(base, steps_per_execution=8), True),
         "no_augmentation": (base, False),
         "xla_with_augmentation": (dataclasses.replace(base, jit_compile="on"), True),
+        "dermoscopy_augmentation": (dataclasses.replace(base, augment="dermoscopy"), True),  # vs the seed's
     }
     reference = figures["job_img_s"]
     for name, (cfg, augment) in variants.items():
