@@ -86,7 +86,7 @@ def test_train_data_dir_without_its_split_table_is_named(shards_dir, tmp_path, s
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"image_size": 16}, "--image_size=16: ResNet-50 halves an image five times"),
+    ({"image_size": 16}, "--image_size=16: the backbones halve an image five times, so they take 32 px or more"),
     ({"stage1_epochs": 0, "stage2_epochs": 0}, "--stage1_epochs=0 --stage2_epochs=0: nothing to train"),
 ])
 def test_training_settings_that_cannot_work_are_named(changes, named):
@@ -97,7 +97,7 @@ def test_training_settings_that_cannot_work_are_named(changes, named):
 def test_weights_that_are_not_a_weights_file_are_named(tmp_path):
   weights = tmp_path / "resnet50.h5"
   weights.write_text("not hdf5")
-  with pytest.raises(cli.UserError, match=rf"--weights={weights} is not a ResNet-50 no-top weights file"):
+  with pytest.raises(cli.UserError, match=rf"--weights={weights} is not a ResNet50 no-top weights file \(--backbone=resnet50\)"):
     model_lib.build_backbone(str(weights))
 
 
