@@ -38,9 +38,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  unknown = [name for name in FLAGS.backbones if name not in backbones.REGISTRY]
-  if unknown:
-    raise cli.UserError(f"--backbones: {', '.join(unknown)} (expected some of {', '.join(backbones.NAMES)})")
+  backbones.check_names(FLAGS.backbones, "--backbones")
   _, shards_dir, _ = common.prepare(FLAGS.work_dir, FLAGS.num_images)
   info = manifest.split_info(shards_dir, manifest.read(shards_dir), "train")
   weights = data.class_weights(info.class_counts)

@@ -31,6 +31,8 @@ below are checked against the built models by tests/test_backbones.py.
 import dataclasses
 import re
 
+from tfrecords import cli
+
 # ImageNet's RGB statistics in 0-255, as keras.applications normalise with them.
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -80,6 +82,13 @@ def get(name: str) -> Backbone:
   if name not in REGISTRY:
     raise KeyError(name)
   return REGISTRY[name]
+
+
+def check_names(names, flag: str) -> None:
+  """Refuses, naming the flag, any of `names` that is not a backbone here."""
+  unknown = [name for name in names if name not in REGISTRY]
+  if unknown:
+    raise cli.UserError(f"{flag}: {', '.join(unknown)} (expected some of {', '.join(NAMES)})")
 
 
 def block_of(layer_name: str) -> str | None:

@@ -312,9 +312,7 @@ def build_tuning_job(custom_job, *, monitor: str, max_trials: int, parallel_tria
     pool.container_spec.args = [*pool.container_spec.args, *TRIAL_ARGS]
   study = v1.StudySpec
   parameters = []
-  unknown = [name for name in tune_backbones if name not in backbones.REGISTRY]
-  if unknown:
-    raise cli.UserError(f"--tune_backbones: {', '.join(unknown)} (expected some of {', '.join(backbones.NAMES)})")
+  backbones.check_names(tune_backbones, "--tune_backbones")
   fewest_layers = min((backbones.get(name).layers for name in tune_backbones), default=None)
   for name, kind, low, high, scale in TUNED_PARAMETERS:
     if name == "fine_tune_layers" and fewest_layers is not None:

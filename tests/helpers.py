@@ -163,3 +163,28 @@ def container_command_for(machine_type: str, python: str = sys.executable) -> tu
   container = job["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
   env = {e["name"]: e["value"] for e in container.get("env", [])}
   return [python, "-m", "job.train", *container["args"]], env
+
+
+def synthetic_image_paths(synthetic_dir: str, count: int) -> list[str]:
+  """The first `count` JPEGs of the synthetic dataset's metadata, wherever its two folders hold them."""
+  import pandas as pd
+  metadata = pd.read_csv(os.path.join(synthetic_dir, "HAM10000_metadata.csv"))
+  paths = [os.path.join(synthetic_dir, folder, f"{image_id}.jpg") for image_id in metadata["image_id"][:count]
+           for folder in ("HAM10000_images_part_1", "HAM10000_images_part_2")
+           if os.path.exists(os.path.join(synthetic_dir, folder, f"{image_id}.jpg"))]
+  assert len(paths) == count, paths
+  return paths
+
+
+def run_seed_inference_example(model_dir: str, image_path: str, work_dir) -> tuple[str, float]:
+  """The seed's inference example, its two placeholders filled and nothing else changed, run in a
+  fresh Python: returns the (label, probability) it prints."""
+  import ast
+  script = open(os.path.join(REPO, "tests", "seed_inference_example.py")).read()
+  path = os.path.join(work_dir, "example.py")
+  with open(path, "w") as f:
+    f.write(script.replace("{model_dir}", model_dir).replace("{image_path}", image_path))
+  result = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=300, cwd=work_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  label, probability = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+  return label, probability

@@ -3,11 +3,8 @@ preprocessing, fine-tunes its share in stage 2, and saves a model the seed's pla
 One backbone per family trains a step in each stage; one (EfficientNet-B0) runs job.train whole,
 as on a TPU (XLA, bfloat16)."""
 
-import ast
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -15,10 +12,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+import helpers
 from helpers import run_module
 from job import backbones, config as config_lib, model as model_lib, train
 
-SEED_EXAMPLE = os.path.join(os.path.dirname(__file__), "seed_inference_example.py")
 FAMILIES = ("resnet50v2", "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny")  # and resnet50, everywhere
 
 
@@ -167,21 +164,13 @@ def test_an_efficientnet_run_serves_predicts_and_loads_in_the_seeds_example(effi
   assert run_config["fingerprint"]["label_smoothing"] == 0.1
   assert run_config["fingerprint"]["fine_tune_layers"] == backbones.get("efficientnet_b0").fine_tune_layers
   assert json.load(open(os.path.join(run_dir, "metrics.json")))["predictor"]["backbones"] == ["efficientnet_b0"]
-  metadata = pd.read_csv(os.path.join(synthetic_dir, "HAM10000_metadata.csv"))
-  paths = [os.path.join(synthetic_dir, folder, f"{image_id}.jpg") for image_id in metadata["image_id"][:2]
-           for folder in ("HAM10000_images_part_1", "HAM10000_images_part_2")
-           if os.path.exists(os.path.join(synthetic_dir, folder, f"{image_id}.jpg"))]
+  paths = helpers.synthetic_image_paths(synthetic_dir, 2)
   run_module("job.predict", f"--model_dir={run_dir}", f"--output={tmp_path / 'p.csv'}", *paths)
   predicted = pd.read_csv(tmp_path / "p.csv")
   serve = tf.saved_model.load(os.path.join(run_dir, "serving", "1")).signatures["serving_default"]
   served = serve(image_bytes=tf.constant([open(p, "rb").read() for p in paths]))["probabilities"].numpy()
   np.testing.assert_allclose(served, predicted[[c for c in predicted if c.startswith("p_")]].to_numpy(), atol=1e-5)
-  script = open(SEED_EXAMPLE).read().replace("{model_dir}", run_dir).replace("{image_path}", paths[0])
-  (tmp_path / "example.py").write_text(script)
-  result = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr[-3000:]
-  label, probability = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+  label, probability = helpers.run_seed_inference_example(run_dir, paths[0], tmp_path)
   assert label in run_config["class_names"] and 0 <= probability <= 1
 
 

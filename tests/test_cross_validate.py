@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import helpers
 from helpers import REPO, run_module, wait_until, warnings_and_errors
 
 pytestmark = pytest.mark.slow  # trains two folds
@@ -84,11 +85,7 @@ def test_out_of_fold_predictions_come_from_the_fold_model_that_never_saw_them(cr
 def test_the_cross_validation_export_serves_what_job_predict_returns(cross_validation, synthetic_dir, tmp_path):
   import tensorflow as tf
   root, _, _ = cross_validation
-  metadata = pd.read_csv(os.path.join(synthetic_dir, "HAM10000_metadata.csv"))
-  paths = [os.path.join(synthetic_dir, folder, f"{image_id}.jpg") for image_id in metadata["image_id"][:3]
-           for folder in ("HAM10000_images_part_1", "HAM10000_images_part_2")
-           if os.path.exists(os.path.join(synthetic_dir, folder, f"{image_id}.jpg"))]
-  assert len(paths) == 3
+  paths = helpers.synthetic_image_paths(synthetic_dir, 3)
   output = tmp_path / "predictions.csv"
   run_module("job.predict", f"--model_dir={root}", "--tta=flip", f"--output={output}", *paths)
   predicted = pd.read_csv(output)

@@ -1,6 +1,5 @@
 """The training job end to end: one shared run on ram://, mirrored, kill-and-resume, the demo."""
 
-import ast
 import json
 import os
 import re
@@ -15,11 +14,11 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
+import helpers
 from helpers import REPO, copy_tree, in_a_terminal, python_warnings, run_module, wait_until, warnings_and_errors
 from job import ensemble, keras_compat, predict, train
 from tfrecords import features
 
-SEED_EXAMPLE = os.path.join(os.path.dirname(__file__), "seed_inference_example.py")
 
 
 def test_artifacts_are_written_to_a_non_local_model_dir(trained_run):
@@ -70,12 +69,7 @@ def test_best_model_is_the_plain_inner_model(trained_run):
 def test_seed_inference_example_runs_verbatim(trained_run, synthetic_dir, tmp_path):
   _, run_dir = trained_run
   image = os.path.join(synthetic_dir, "HAM10000_images_part_1", "ISIC_0024306.jpg")
-  script = open(SEED_EXAMPLE).read().replace("{model_dir}", run_dir).replace("{image_path}", image)
-  (tmp_path / "example.py").write_text(script)
-  result = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr[-3000:]
-  label, probability = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+  label, probability = helpers.run_seed_inference_example(run_dir, image, tmp_path)
   assert label in features.CLASS_NAMES and 0 <= probability <= 1
 
 
