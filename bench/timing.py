@@ -28,7 +28,8 @@ def build(cfg: config_lib.TrainConfig, class_weights: np.ndarray, augment: bool 
   keras.utils.set_random_seed(cfg.seed)
   inner = model_lib.build_inner_model("none", num_classes=len(class_weights), backbone=cfg.backbone)
   wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed,
-                                           augment=model_lib.augmentation_of(cfg) if augment else False)
+                                           augment=model_lib.augmentation_of(cfg) if augment else False,
+                                           mixing=config_lib.mixing(cfg) if augment else None)
   model_lib.set_trainable_for_stage(inner, stage=2)
   train.compile_model(wrapper, tf.distribute.get_strategy(), cfg, cfg.stage2_lr,
                       xla=performance.use_xla(cfg.jit_compile, "one_device"), class_weights=class_weights)

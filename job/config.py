@@ -61,6 +61,9 @@ class TrainConfig:
   aug_hue: float = 0.05  # of a full turn of hue
   aug_cutout: float = 0.3  # the hole's side, of the image's; 0: none
   label_smoothing: float = 0.0
+  mixup: float = 0.0  # Beta(α, α) of mixup's share; 0: off (job/mixing.py)
+  cutmix: float = 0.0  # the same for CutMix
+  mix_probability: float = 1.0  # of a training image being mixed, when either is on
   monitor: str = "val_f1"
   patience: int = 6
   class_weights: bool = True
@@ -161,6 +164,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
     floating(f"aug_{name}", d(f"aug_{name}"), f"--augment=dermoscopy: {what}.")
   floating("label_smoothing", d("label_smoothing"), "Label smoothing of the loss (0: none); the class "
            "weights follow the hard label.")
+  floating("mixup", d("mixup"), "Mixup: α of the Beta(α, α) share each training image keeps of itself "
+           "(timm uses 0.8); 0: off. Mixes the labels too, in the training step (docs/training.md).")
+  floating("cutmix", d("cutmix"), "CutMix: α as --mixup's, the share being the image's area left (timm: 1.0); "
+           "0: off. With --mixup, each mixed image is one or the other at even odds.")
+  floating("mix_probability", d("mix_probability"), "With --mixup or --cutmix: the probability that a "
+           "training image is mixed.")
   enum("monitor", d("monitor"), MONITORS, "Metric for the best model and early stopping "
        "(val_f1: Keras's macro F1Score).")
   integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
@@ -214,6 +223,14 @@ def expected_accelerator(cfg: TrainConfig) -> "accelerators.Expected | None":
   return accelerators.parse_expected(cfg.expected_accelerator, source)
 
 
+def mixing(cfg: TrainConfig) -> dict | None:
+  """Mixup/CutMix as they shape a run (job/mixing.py's MixingTrainer settings), or None when both
+  are off (the probability then means nothing)."""
+  if cfg.mixup == 0 and cfg.cutmix == 0:
+    return None
+  return {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "probability": cfg.mix_probability}
+
+
 def validated(cfg: TrainConfig) -> TrainConfig:
   """`cfg`, or a UserError naming the first flag whose value cannot work."""
   if not cfg.data_dir:
@@ -235,6 +252,11 @@ def validated(cfg: TrainConfig) -> TrainConfig:
   for name in (*(f"aug_{n}" for n in AUGMENT_STRENGTHS), "label_smoothing"):
     if not 0 <= getattr(cfg, name) < 1:
       raise cli.UserError(f"--{name}={getattr(cfg, name)} must be at least 0 and below 1")
+  for name in ("mixup", "cutmix"):
+    if not 0 <= getattr(cfg, name) < float("inf"):
+      raise cli.UserError(f"--{name}={getattr(cfg, name)}: expected α ≥ 0 of Beta(α, α) (0: off)")
+  if not 0 < cfg.mix_probability <= 1:
+    raise cli.UserError(f"--mix_probability={cfg.mix_probability} must be above 0 and at most 1")
   if cfg.augment not in AUGMENT:
     raise cli.UserError(f"--augment={cfg.augment}: expected one of {', '.join(AUGMENT)}")
   for name in ("stage1_lr", "stage2_lr"):

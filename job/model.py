@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import augment as augment_lib, backbones
+from job import augment as augment_lib, backbones, mixing as mixing_lib
 from tfrecords import cli, fileio
 
 
@@ -104,9 +104,11 @@ def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
 
 
 def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
-                         augment: "bool | keras.layers.Layer" = True) -> keras.Model:
+                         augment: "bool | keras.layers.Layer" = True,
+                         mixing: dict | None = None) -> keras.Model:
   """augment: True, the seed's augmentation; a layer (`augmentation_of`); False leaves the
-  random layers out (benchmarks measure what they cost)."""
+  random layers out (benchmarks measure what they cost). mixing: MixingTrainer's settings
+  (`config.mixing`), whose training step mixes the batch; None: Keras's own step."""
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image_uint8")
   x = keras.ops.cast(inputs, "float32")  # layers below cast on to the policy's compute dtype
   if augment is True:
@@ -115,6 +117,8 @@ def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
     x = augment(x)
   x = ResNetPreprocess(name="preprocess")(x)
   outputs = inner(x)
+  if mixing:
+    return mixing_lib.MixingTrainer(inputs, outputs, name="training_wrapper", seed=seed, **mixing)
   return keras.Model(inputs, outputs, name="training_wrapper")
 
 
