@@ -9,7 +9,8 @@ one warm-up epoch (tracing, cache fill), alternately, and the ratio is taken
 pair by pair. Then the same job under variants: mixed_bfloat16,
 steps_per_execution, XLA (augmentation included: job/augment.py compiles under
 XLA), the augmentation left out (to see what running it in the step costs), the
-dermoscopy preset in place of the seed's (`--augment=dermoscopy`), and
+dermoscopy preset in place of the seed's (`--augment=dermoscopy`), mixup and
+CutMix in the training step (`--mixup=0.8 --cutmix=1.0`, job/mixing.py), and
 last --deterministic (op determinism, which cannot be undone in a process).
 """
 
@@ -70,6 +71,7 @@ def main(argv):
         "no_augmentation": (base, False),
         "xla_with_augmentation": (dataclasses.replace(base, jit_compile="on"), True),
         "dermoscopy_augmentation": (dataclasses.replace(base, augment="dermoscopy"), True),  # vs the seed's
+        "mixup_cutmix": (dataclasses.replace(base, mixup=0.8, cutmix=1.0), True),  # timm's alphas, in the step
     }
     reference = figures["job_img_s"]
     for name, (cfg, augment) in variants.items():

@@ -3,7 +3,8 @@
   train.py          the two stages, start to end (`python -m job.train`)
   config.py         the settings (TrainConfig) and the flags that fill them
   data.py           shards → uint8 batches: training, padded validation, prediction
-  augment.py        the seed's augmentation, XLA-compilable, run inside the model
+  augment.py        the augmentation (the seed's, the dermoscopy preset), XLA-compilable, inside the model
+  mixing.py         mixup and CutMix, in the training wrapper's own step
   model.py          the saved inner model and the training wrapper around it
   backbones.py      the backbones by name (--backbone), their input and stage-2 share
   distribute_utils  the tf.distribute strategy, chosen in one place

@@ -188,3 +188,26 @@ def run_seed_inference_example(model_dir: str, image_path: str, work_dir) -> tup
   assert result.returncode == 0, result.stderr[-3000:]
   label, probability = ast.literal_eval(result.stdout.strip().splitlines()[-1])
   return label, probability
+
+
+TWO_REPLICAS = """
+import json, tensorflow as tf
+from job import config as config_lib, distribute_utils, mixing, model as model_lib
+distribute_utils.use_logical_cpu_devices(2)
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():
+  drawer = {build}
+step = tf.function(lambda: {draw})
+print(json.dumps([t.numpy().tolist() for t in strategy.experimental_local_results(strategy.run(step))]))
+"""
+
+
+def draws_on_two_replicas(build: str, draw: str) -> list:
+  """What `draw` (an expression of `drawer`, built by the expression `build` in the strategy's
+  scope) returns on each replica of a MirroredStrategy over two CPU devices, in a fresh Python
+  (logical devices are set before TensorFlow starts)."""
+  import json
+  script = TWO_REPLICAS.replace("{build}", build).replace("{draw}", draw)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])

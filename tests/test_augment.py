@@ -1,17 +1,14 @@
 """--augment=dermoscopy: the symmetries of the square exactly as numpy's, colour jitter that
 does what it says, cutout, XLA, a draw per replica; --label_smoothing; both in the fingerprint."""
 
-import json
 import math
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO
+import helpers
 from job import augment, config as config_lib, model as model_lib, run_state, train
 
 PATTERN = np.arange(4 * 6 * 6 * 3, dtype=np.float32).reshape(4, 6, 6, 3) * 0.5  # every value its own, in 0-255
@@ -83,23 +80,10 @@ def test_the_dermoscopy_preset_compiles_under_xla_and_trains_a_step():
   assert not np.allclose(compiled, images)
 
 
-REPLICA_DRAWS = """
-import json, tensorflow as tf
-from job import config as config_lib, distribute_utils, model as model_lib
-distribute_utils.use_logical_cpu_devices(2)
-strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
-with strategy.scope():
-  layer = model_lib.augmentation_of(config_lib.TrainConfig(data_dir="unused", augment="dermoscopy", seed=3))
-step = tf.function(lambda: tf.concat([layer.draw(4)[k] for k in ("hue", "turns")], 0))
-print(json.dumps([t.numpy().tolist() for t in strategy.experimental_local_results(strategy.run(step))]))
-"""
-
-
 def test_each_replica_draws_its_own_dermoscopy_augmentation():
-  result = subprocess.run([sys.executable, "-c", REPLICA_DRAWS], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  first, second = json.loads(result.stdout.strip().splitlines()[-1])
+  first, second = helpers.draws_on_two_replicas(
+      'model_lib.augmentation_of(config_lib.TrainConfig(data_dir="unused", augment="dermoscopy", seed=3))',
+      'tf.concat([drawer.draw(4)[k] for k in ("hue", "turns")], 0)')
   assert not np.allclose(first, second), "two replicas drew the same transformations"
 
 

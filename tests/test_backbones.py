@@ -147,7 +147,8 @@ def efficientnet_run(shards_dir, tmp_path_factory):
   flags = [f"--data_dir={shards_dir}", f"--model_dir={run_dir}", "--backbone=efficientnet_b0", "--weights=none",
            "--image_size=32", "--global_batch_size=16", "--stage1_epochs=1", "--stage2_epochs=1", "--debug",
            "--strategy=one_device", "--jit_compile=on", "--mixed_precision=bfloat16", "--steps_per_execution=2",
-           "--augment=dermoscopy", "--label_smoothing=0.1"]  # and the augmentation a user would pair it with
+           # and the augmentation a user would pair it with
+           "--augment=dermoscopy", "--label_smoothing=0.1", "--mixup=0.4", "--cutmix=1.0"]
   run_module("job.train", *flags)
   return run_dir, flags
 
@@ -162,6 +163,7 @@ def test_an_efficientnet_run_serves_predicts_and_loads_in_the_seeds_example(effi
   assert run_config["fingerprint"]["backbone"] == "efficientnet_b0"
   assert run_config["fingerprint"]["augmentation"]["preset"] == "dermoscopy"
   assert run_config["fingerprint"]["label_smoothing"] == 0.1
+  assert run_config["fingerprint"]["mixing"] == {"mixup": 0.4, "cutmix": 1.0, "probability": 1.0}
   assert run_config["fingerprint"]["fine_tune_layers"] == backbones.get("efficientnet_b0").fine_tune_layers
   assert json.load(open(os.path.join(run_dir, "metrics.json")))["predictor"]["backbones"] == ["efficientnet_b0"]
   paths = helpers.synthetic_image_paths(synthetic_dir, 2)

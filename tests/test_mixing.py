@@ -2,9 +2,6 @@
 by one share, the class weights following the mixed label, a draw per replica, and the settings
 in the fingerprint."""
 
-import json
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from helpers import REPO
+import helpers
 from job import config as config_lib, mixing, model as model_lib, run_state, train
 
 
@@ -113,24 +110,10 @@ def test_mixing_trains_under_xla_and_leaves_evaluation_unmixed():
   assert not isinstance(plain, mixing.MixingTrainer)  # both off: Keras's own step
 
 
-REPLICA_DRAWS = """
-import json, tensorflow as tf
-from job import distribute_utils, mixing
-distribute_utils.use_logical_cpu_devices(2)
-strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
-with strategy.scope():
-  inputs = tf.keras.Input((4,))
-  model = mixing.MixingTrainer(inputs, tf.keras.layers.Dense(2)(inputs), mixup=0.4, seed=3)
-step = tf.function(lambda: model.draw(8, model.step_seed())["shares"])
-print(json.dumps([t.numpy().tolist() for t in strategy.experimental_local_results(strategy.run(step))]))
-"""
-
-
 def test_each_replica_mixes_with_its_own_draw():
-  result = subprocess.run([sys.executable, "-c", REPLICA_DRAWS], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  first, second = json.loads(result.stdout.strip().splitlines()[-1])
+  first, second = helpers.draws_on_two_replicas(
+      'mixing.MixingTrainer(*(lambda x: (x, tf.keras.layers.Dense(2)(x)))(tf.keras.Input((4,))), mixup=0.4, seed=3)',
+      'drawer.draw(8, drawer.step_seed())["shares"]')
   assert not np.allclose(first, second), "two replicas drew the same shares"
 
 
