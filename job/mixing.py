@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from job import augment
 
+MIXING_STREAM = 0x6d6978  # folded into the step's seed: the augmentation's generator starts from the same seed
 GAMMA_CANDIDATES = 16  # Marsaglia-Tsang accepts ≥ 95% of candidates for α ≥ 1: 16 all fail ~1e-21
 
 
@@ -114,6 +115,7 @@ class MixingTrainer(keras.Model):
     """This step's seed, the replica's place folded in: every replica reads one generator and
     would otherwise mix its share of the batch as the others do."""
     seed = tf.cast(tf.math.floormod(self.mixing_seed.next(), tf.int32.max - 1), tf.int32)
+    seed = tf.random.experimental.stateless_fold_in(seed, MIXING_STREAM)
     replica = augment.replica_in_sync_group()
     return seed if replica is None else tf.random.experimental.stateless_fold_in(seed, replica)
 
