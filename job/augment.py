@@ -92,6 +92,14 @@ def replica_in_sync_group():
   return context.replica_id_in_sync_group
 
 
+def stateless_seed(generator: keras.random.SeedGenerator, replica=None) -> tf.Tensor:
+  """The next seed of `generator` as a stateless op's (2,) int32 seed, as Keras casts it, with the
+  replica's place folded in when given: every replica reads the same generator state, and would
+  otherwise draw what the others draw for its share of the batch."""
+  seed = tf.cast(tf.math.floormod(generator.next(), tf.int32.max - 1), tf.int32)
+  return seed if replica is None else tf.random.experimental.stateless_fold_in(seed, replica)
+
+
 @keras.saving.register_keras_serializable(package="ham10000")
 class RandomAugmentation(keras.layers.Layer):
   """Random flip, rotation, zoom and contrast in one XLA-compilable layer (training only).
@@ -122,14 +130,12 @@ class RandomAugmentation(keras.layers.Layer):
             "contrasts": uniform(shape, 1.0 - self.contrast, 1.0 + self.contrast)}
 
   def _uniform(self, shape, low, high, replica=None):
-    """keras.random.uniform from this layer's SeedGenerator; with several replicas, the
-    replica's place folded into the seed. Every replica reads the same generator state, and
-    would otherwise draw the same transformations for its share of the batch."""
+    """keras.random.uniform from this layer's SeedGenerator; with several replicas, a stateless
+    draw with the replica's place folded into the seed (`stateless_seed`)."""
     if replica is None:
       return keras.random.uniform(shape, low, high, dtype="float32", seed=self.seed_generator)
-    seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)  # as Keras casts it
-    seed = tf.random.experimental.stateless_fold_in(seed, replica)
-    return tf.random.stateless_uniform(shape, seed, low, high, dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, stateless_seed(self.seed_generator, replica), low, high,
+                                       dtype=tf.float32)
 
   def apply(self, images, angles, zooms, flips, contrasts):
     warped = affine_sample(images, transform_matrices(angles, zooms, flips))

@@ -99,7 +99,7 @@ class MixingTrainer(keras.Model):
 
   def draw(self, batch_size, seed):
     """λ, the CutMix-or-mixup choice, the boxes' centres and whether to mix, per image."""
-    seeds = tf.random.experimental.stateless_split(seed, 5)
+    seeds = tf.random.experimental.stateless_split(seed, 6)
     shape = (batch_size,)
     uniform = lambda i: tf.random.stateless_uniform(shape, seeds[i])  # noqa: E731
     if self.mixup > 0 and self.cutmix > 0:
@@ -108,16 +108,14 @@ class MixingTrainer(keras.Model):
     else:
       use_cutmix = tf.fill(shape, self.cutmix > 0)
       shares = beta_sample(self.cutmix or self.mixup, shape, seeds[1])
-    centres = tf.stack([uniform(3), tf.random.stateless_uniform(shape, seeds[3] + 1)], axis=-1)
+    centres = tf.stack([uniform(3), uniform(5)], axis=-1)
     return {"shares": shares, "use_cutmix": use_cutmix, "centres": centres, "mixed": uniform(4) < self.probability}
 
   def step_seed(self):
     """This step's seed, the replica's place folded in: every replica reads one generator and
     would otherwise mix its share of the batch as the others do."""
-    seed = tf.cast(tf.math.floormod(self.mixing_seed.next(), tf.int32.max - 1), tf.int32)
-    seed = tf.random.experimental.stateless_fold_in(seed, MIXING_STREAM)
-    replica = augment.replica_in_sync_group()
-    return seed if replica is None else tf.random.experimental.stateless_fold_in(seed, replica)
+    seed = augment.stateless_seed(self.mixing_seed, augment.replica_in_sync_group())
+    return tf.random.experimental.stateless_fold_in(seed, MIXING_STREAM)
 
   def train_step(self, data):
     images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
