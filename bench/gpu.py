@@ -49,7 +49,7 @@ def augment_on_host(dataset: tf.data.Dataset, seed: int) -> tf.data.Dataset:
 
 def measure(info, weights, cfg, augmentation):
   def pipeline():
-    dataset = data.train_dataset(info, cfg.image_size, cfg.global_batch_size)
+    dataset = data.train_dataset(info, cfg.image_size, cfg.global_batch_size, metadata=cfg.metadata)
     return augment_on_host(dataset, cfg.seed) if augmentation == "host" else dataset
   steps = max(2, int(np.ceil(info.num_examples / cfg.global_batch_size)))
   model = build(cfg, weights, augment=augmentation == "accelerator")

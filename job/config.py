@@ -26,6 +26,8 @@ AUGMENT = ("seed", "dermoscopy")  # job/augment.py
 # The dermoscopy preset's strengths (--aug_<name>), each a TrainConfig field "aug_<name>".
 AUGMENT_STRENGTHS = ("rotation", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "cutout")
 MIN_IMAGE_SIZE = 32
+METADATA_FIELDS = ("age", "sex", "localization")  # job/patient_metadata.py
+METADATA_REFUSED = {"dx_type": "how the diagnosis was confirmed (histo, follow_up, …) gives the label away"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrainConfig:
   mixup: float = 0.0  # Beta(α, α) of mixup's share; 0: off (job/mixing.py)
   cutmix: float = 0.0  # the same for CutMix
   mix_probability: float = 1.0  # of a training image being mixed, when either is on
+  metadata: tuple[str, ...] = ()  # patient fields the model takes beside the image, in METADATA_FIELDS order
   monitor: str = "val_f1"
   patience: int = 6
   class_weights: bool = True
@@ -170,6 +173,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
            "0: off. With --mixup, each mixed image is one or the other at even odds.")
   floating("mix_probability", d("mix_probability"), "With --mixup or --cutmix: the probability that a "
            "training image is mixed.")
+  flags.DEFINE_list("metadata", list(d("metadata")), "Patient fields the model takes beside the image: any of "
+                    f"{', '.join(METADATA_FIELDS)} (comma-separated; default none). dx_type is refused: it gives "
+                    "the label away.", flag_values=flag_values)
   enum("monitor", d("monitor"), MONITORS, "Metric for the best model and early stopping "
        "(val_f1: Keras's macro F1Score).")
   integer("patience", d("patience"), "EarlyStopping patience, in epochs.")
@@ -213,6 +219,7 @@ def config_from_flags() -> TrainConfig:
   values["tensorboard_dir"] = FLAGS.tensorboard_dir or os.environ.get("AIP_TENSORBOARD_LOG_DIR")
   values["expected_accelerator"] = (FLAGS.expected_accelerator if FLAGS.expected_accelerator is not None
                                     else os.environ.get(accelerators.EXPECTED_ACCELERATOR_ENV, ""))
+  values["metadata"] = tuple(FLAGS.metadata)
   return validated(TrainConfig(**values))
 
 
@@ -229,6 +236,18 @@ def mixing(cfg: TrainConfig) -> dict | None:
   if cfg.mixup == 0 and cfg.cutmix == 0:
     return None
   return {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "probability": cfg.mix_probability}
+
+
+def metadata_fields(names) -> tuple[str, ...]:
+  """--metadata's fields in METADATA_FIELDS order, or a UserError naming what cannot be an input."""
+  names = [n.strip() for n in names if n.strip()]
+  for name in names:
+    if name in METADATA_REFUSED:
+      raise cli.UserError(f"--metadata={','.join(names)}: {name} cannot be an input: {METADATA_REFUSED[name]}")
+    if name not in METADATA_FIELDS:
+      raise cli.UserError(f"--metadata={','.join(names)}: {name} is not a field; expected any of "
+                          f"{', '.join(METADATA_FIELDS)}")
+  return tuple(f for f in METADATA_FIELDS if f in names)
 
 
 def validated(cfg: TrainConfig) -> TrainConfig:
@@ -269,4 +288,4 @@ def validated(cfg: TrainConfig) -> TrainConfig:
   if cfg.fine_tune_layers is not None and cfg.fine_tune_layers > layers:
     raise cli.UserError(f"--fine_tune_layers={cfg.fine_tune_layers}: the {cfg.backbone} backbone has "
                         f"{layers} layers")
-  return cfg
+  return dataclasses.replace(cfg, metadata=metadata_fields(cfg.metadata))

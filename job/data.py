@@ -24,7 +24,7 @@ import tensorflow as tf
 from absl import logging
 from sklearn.utils.class_weight import compute_class_weight
 
-from job import config as config_lib, run_state
+from job import config as config_lib, patient_metadata, run_state
 from tfrecords import features, manifest as manifest_lib
 from tfrecords.manifest import SplitInfo
 
@@ -158,11 +158,26 @@ def shuffle_buffer(num_examples: int) -> int:
   return min(num_examples, SHUFFLE_BUFFER)
 
 
+def _model_input(fields: tuple[str, ...]):
+  """(image, label, metadata) → (what the training wrapper takes, label): the image, or with
+  metadata {"image_uint8": image, field: encoded} (job/patient_metadata.py)."""
+  def to_input(image, label, metadata):
+    if not fields:
+      return image, label
+    return {"image_uint8": image, **patient_metadata.encode(fields, metadata)}, label
+  return to_input
+
+
+def _metadata_keys(fields: tuple[str, ...]) -> list[str]:
+  return [METADATA_KEYS[f] for f in fields]  # parsed into the metadata dict under the field's name
+
+
 def train_examples(info: SplitInfo, image_size: int, *, seed: int = 0, take: int | None = None,
-                   cache: str = "memory") -> tf.data.Dataset:
-  """(uint8 image, label) per example, decoded once and cached: what every stage shuffles."""
-  dataset = _decoded(info, image_size, [], shuffle_files=True, seed=seed, take=take)
-  return _cached(dataset.map(lambda image, label, _: (image, label)), cache, "train")  # before any random op
+                   cache: str = "memory", metadata: tuple[str, ...] = ()) -> tf.data.Dataset:
+  """(uint8 image, label) per example, decoded once and cached: what every stage shuffles. With
+  metadata fields: ({"image_uint8": image, field: encoded}, label)."""
+  dataset = _decoded(info, image_size, _metadata_keys(metadata), shuffle_files=True, seed=seed, take=take)
+  return _cached(dataset.map(_model_input(metadata)), cache, "train")  # before any random op
 
 
 def train_batches(examples: tf.data.Dataset, info: SplitInfo, global_batch_size: int, *, seed: int = 0,
@@ -183,7 +198,7 @@ def train_batches(examples: tf.data.Dataset, info: SplitInfo, global_batch_size:
   dataset = examples.shuffle(shuffle_buffer(info.num_examples), seed=seed, reshuffle_each_iteration=True)
   dataset = dataset.repeat()
   num_classes = len(info.class_counts)
-  dataset = dataset.map(lambda image, label: (image, tf.one_hot(label, num_classes)),
+  dataset = dataset.map(lambda x, label: (x, tf.one_hot(label, num_classes)),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   dataset = dataset.batch(global_batch_size, drop_remainder=True)
   policy = tf.data.experimental.AutoShardPolicy.FILE
@@ -196,9 +211,10 @@ def train_batches(examples: tf.data.Dataset, info: SplitInfo, global_batch_size:
 
 
 def train_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *, seed: int = 0,
-                  take: int | None = None, cache: str = "memory", num_workers: int = 1) -> tf.data.Dataset:
+                  take: int | None = None, cache: str = "memory", num_workers: int = 1,
+                  metadata: tuple[str, ...] = ()) -> tf.data.Dataset:
   """`train_batches` of `train_examples`, for one `fit` (benchmarks, the preflight)."""
-  examples = train_examples(info, image_size, seed=seed, take=take, cache=cache)
+  examples = train_examples(info, image_size, seed=seed, take=take, cache=cache, metadata=metadata)
   return train_batches(examples, info, global_batch_size, seed=seed, num_workers=num_workers)
 
 
@@ -210,7 +226,8 @@ class ValidationData:
 
 
 def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int, *,
-                       take: int | None = None, cache: str = "memory") -> ValidationData:
+                       take: int | None = None, cache: str = "memory",
+                       metadata: tuple[str, ...] = ()) -> ValidationData:
   """One pass over the split in whole batches of `global_batch_size`: the last is padded.
 
   Every batch has one static shape (XLA, TPUs), and no replica or worker is ever
@@ -224,8 +241,8 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
   steps = max(1, math.ceil(num_examples / global_batch_size))
   padding = steps * global_batch_size - num_examples
   weight = steps * global_batch_size / max(num_examples, 1)
-  real = _decoded(info, image_size, [], shuffle_files=False, take=take)
-  real = _cached(real.map(lambda image, label, _: (image, label)), cache, "validation")
+  real = _decoded(info, image_size, _metadata_keys(metadata), shuffle_files=False, take=take)
+  real = _cached(real.map(_model_input(metadata)), cache, "validation")
   if cache != "none":
     # Filled now, in one full pass: Keras stops each validation pass after `steps` batches, and
     # a cache whose first pass is left unfinished is thrown away ("The calling iterator did not
@@ -233,9 +250,11 @@ def validation_dataset(info: SplitInfo, image_size: int, global_batch_size: int,
     for _ in real:
       pass
   num_classes = len(info.class_counts)
-  real = real.map(lambda image, label: (image, tf.one_hot(label, num_classes), weight))
-  pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),
-                                      tf.zeros(num_classes), 0.0)).repeat(padding)
+  real = real.map(lambda x, label: (x, tf.one_hot(label, num_classes), weight))
+  padding_image = tf.zeros((image_size, image_size, 3), tf.uint8)
+  padding_input = ({"image_uint8": padding_image, **{f: tf.zeros(patient_metadata.WIDTHS[f]) for f in metadata}}
+                   if metadata else padding_image)
+  pad = tf.data.Dataset.from_tensors((padding_input, tf.zeros(num_classes), 0.0)).repeat(padding)
   dataset = real.concatenate(pad).batch(global_batch_size, drop_remainder=True)
   # Keras then starts each epoch's validation afresh instead of reading past the end.
   dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))

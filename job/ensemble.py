@@ -28,15 +28,27 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from job import artifacts, calibration, model as model_lib, tta as tta_lib
+from job import artifacts, calibration, model as model_lib, patient_metadata, tta as tta_lib
 from tfrecords import cli, fileio
 
 CROSS_VALIDATION_FILE = "cross_validation.json"  # in a cross-validation's root: its folds, written last
 FOLD_DIR = "fold-{}"
 
 
-def _probabilities(model: keras.Model, images: tf.Tensor) -> tf.Tensor:
-  return model(model_lib.preprocess(images), training=False)
+def _probabilities(model: keras.Model, images: tf.Tensor, encoded: dict | None = None) -> tf.Tensor:
+  return model(model_lib.inner_inputs(model, model_lib.preprocess(images), encoded), training=False)
+
+
+def encoded_views(fields: tuple[str, ...], raw_metadata: dict, mode: str) -> dict[str, tf.Tensor]:
+  """The batch's fields encoded, repeated for every view of tta.views (view-major)."""
+  return {f: tf.tile(v, [tta_lib.NUM_VIEWS[mode], 1]) for f, v in patient_metadata.encode(fields, raw_metadata).items()}
+
+
+def probabilities_of_views(model: keras.Model, images: tf.Tensor, mode: str, raw_metadata: dict | None = None):
+  """The model's probabilities of every view of the batch (tta.views), each view with its image's
+  metadata; graph ops (the serving export calls it)."""
+  fields = patient_metadata.fields_of(model)
+  return _probabilities(model, tta_lib.views(images, mode), encoded_views(fields, raw_metadata, mode) if fields else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +75,11 @@ class Member:
                         f"for --tta={mode} (written by a version without test-time augmentation); use "
                         "--tta=none, or train the run again")
 
+  @property
+  def metadata_fields(self) -> tuple[str, ...]:
+    """The patient fields the model takes beside the image (() for an image-only model)."""
+    return patient_metadata.fields_of(self.model)
+
   @functools.cached_property
   def _forward(self):
     # One trace per member for every batch size: the views of each TTA mode and a last, smaller
@@ -71,11 +88,20 @@ class Member:
     # A partial, not a lambda: TensorFlow counts traces per code object, so members' lambdas,
     # each traced once, would add up to its "excessive retracing" warning in a 5-fold ensemble.
     signature = [tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)]  # as tta.views gives
+    if self.metadata_fields:
+      signature.append({f: tf.TensorSpec([None, patient_metadata.WIDTHS[f]], tf.float32) for f in self.metadata_fields})
     return tf.function(functools.partial(_probabilities, self.model), input_signature=signature)
 
-  def raw_views(self, images: tf.Tensor, mode: str) -> np.ndarray:
-    """The model's own probabilities of every view of the batch: [V·B, classes] (tta.views)."""
-    return self._forward(tf.cast(tta_lib.views(images, mode), tf.float32)).numpy().astype(np.float64)
+  def raw_views(self, images: tf.Tensor, mode: str, metadata: dict | None = None) -> np.ndarray:
+    """The model's own probabilities of every view of the batch: [V·B, classes] (tta.views).
+    metadata: the batch's raw fields {"age", "sex", "localization"}, for a model that takes them."""
+    inputs = [tf.cast(tta_lib.views(images, mode), tf.float32)]
+    if self.metadata_fields:
+      if metadata is None:
+        raise cli.UserError(f"--model_dir={self.model_dir} takes the patient's {', '.join(self.metadata_fields)} "
+                            "beside the image, and none were given")
+      inputs.append(encoded_views(self.metadata_fields, metadata, mode))
+    return self._forward(*inputs).numpy().astype(np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +146,19 @@ class Ensemble:
         logging.warning("--model_dir=%s has no %s (the training job writes it when it finishes): %s the model's "
                         "own probabilities, not calibrated ones", member.model_dir, artifacts.CALIBRATION_FILE, what)
 
-  def predict(self, images: dict[int, tf.Tensor], mode: str = "none", calibrated: bool = True) -> Prediction:
-    """Probabilities of one batch; `images`: the batch at each of image_sizes (uint8)."""
+  @property
+  def metadata_fields(self) -> tuple[str, ...]:
+    """The patient fields any member takes."""
+    taken = {f for m in self.members for f in m.metadata_fields}
+    return tuple(f for f in patient_metadata.FIELDS if f in taken)
+
+  def predict(self, images: dict[int, tf.Tensor], mode: str = "none", calibrated: bool = True,
+              metadata: dict | None = None) -> Prediction:
+    """Probabilities of one batch; `images`: the batch at each of image_sizes (uint8); `metadata`:
+    its raw fields, for members that take them."""
     raws, calibrateds = [], []
     for member in self.members:
-      raw = tta_lib.mean_over_views(member.raw_views(images[member.image_size], mode), mode)
+      raw = tta_lib.mean_over_views(member.raw_views(images[member.image_size], mode, metadata), mode)
       temperature = member.calibration_for(mode)["temperature"] if calibrated else 1.0
       raws.append(raw)
       calibrateds.append(calibration.apply_temperature(raw, temperature))
@@ -135,6 +169,7 @@ class Ensemble:
     """What metrics.json and the export record of the predictor."""
     return {"model_dirs": self.model_dirs, "num_members": len(self.members),
             "backbones": [m.model.name.removeprefix("ham10000_") for m in self.members], "image_sizes": list(self.image_sizes),
+            "metadata": [list(m.metadata_fields) for m in self.members],
             "tta": mode, "tta_views": tta_lib.NUM_VIEWS[mode],
             "combination": "single run" if len(self.members) == 1 else "mean of the members' calibrated probabilities",
             "temperatures": [m.calibration_for(mode)["temperature"] for m in self.members]}

@@ -22,7 +22,8 @@ import tensorflow as tf
 from absl import flags, logging
 from sklearn import metrics as skm
 
-from job import artifacts, calibration, data, ensemble as ensemble_lib, metrics as metrics_lib, plots, tta as tta_lib
+from job import (artifacts, calibration, data, ensemble as ensemble_lib, metrics as metrics_lib, patient_metadata, plots,
+                 tta as tta_lib)
 from tfrecords import cli, features, fileio, manifest as manifest_lib, progress
 
 MELANOMA_SPECIFICITY = 0.90
@@ -33,7 +34,8 @@ HEADLINE = (("balanced_accuracy", "balanced accuracy", "always_nv_balanced_accur
 
 
 def _batches(info: manifest_lib.SplitInfo, class_names, image_sizes, batch_size: int, take: int | None):
-  """(images at each size, the batch's table: ids, metadata, true label) per batch, in file order."""
+  """(images at each size, the batch's table: ids, metadata, true label, and its raw patient fields
+  as tensors, which a model with metadata takes) per batch, in file order."""
   dataset = data.prediction_dataset(info, tuple(image_sizes), batch_size, take=take)
   names = np.asarray(class_names)
   bar = progress.bar(min(info.num_examples, take or info.num_examples), "images", f"predicting {info.name}")
@@ -42,7 +44,7 @@ def _batches(info: manifest_lib.SplitInfo, class_names, image_sizes, batch_size:
     for column in ("image_id", "lesion_id", "sex", "localization"):
       frame[column] = frame[column].str.decode("utf-8")
     frame["label"] = names[np.argmax(one_hot, axis=1)]
-    yield images, frame
+    yield images, frame, {f: metadata[f] for f in patient_metadata.FIELDS}
     if bar:
       bar.update(len(frame))
   if bar:
@@ -72,9 +74,9 @@ def predict_split(predictor: ensemble_lib.Ensemble, info: manifest_lib.SplitInfo
   (`p_<class>`, what job.predict returns) and the raw ones (`p_<class>_raw`; for an ensemble the
   mean of its members'), under the test-time augmentation `mode`."""
   frames = []
-  for images, frame in _batches(info, predictor.class_names, predictor.image_sizes,
-                                tta_lib.images_per_batch(batch_size, mode), take):
-    prediction = predictor.predict(images, mode)
+  for images, frame, fields in _batches(info, predictor.class_names, predictor.image_sizes,
+                                        tta_lib.images_per_batch(batch_size, mode), take):
+    prediction = predictor.predict(images, mode, metadata=fields)
     frames.append(with_probabilities(frame, predictor.class_names, prediction.calibrated, prediction.raw))
   return _table(frames)
 
@@ -84,10 +86,10 @@ def predict_views(member: ensemble_lib.Member, info: manifest_lib.SplitInfo, bat
   """One member's raw probabilities of every dihedral view (views × images × classes), with
   the images' table: every TTA mode's probabilities from one pass (tta.py)."""
   frames, views = [], []
-  for images, frame in _batches(info, member.class_names, (member.image_size,),
-                                tta_lib.images_per_batch(batch_size, "dihedral"), take):
+  for images, frame, fields in _batches(info, member.class_names, (member.image_size,),
+                                        tta_lib.images_per_batch(batch_size, "dihedral"), take):
     frames.append(frame)
-    views.append(np.reshape(member.raw_views(images[member.image_size], "dihedral"),
+    views.append(np.reshape(member.raw_views(images[member.image_size], "dihedral", fields),
                             (tta_lib.NUM_VIEWS["dihedral"], len(frame), -1)))
   return pd.concat(frames, ignore_index=True), np.concatenate(views, axis=1)
 

@@ -69,6 +69,15 @@ def cutmix_boxes(shares: tf.Tensor, centres: tf.Tensor, height: int, width: int)
   return (tf.abs(ys - cy) <= side * height / 2.0) & (tf.abs(xs - cx) <= side * width / 2.0)
 
 
+def kept_shares(shares: tf.Tensor, use_cutmix: tf.Tensor, centres: tf.Tensor, mixed: tf.Tensor,
+                height: int, width: int) -> tf.Tensor:
+  """(B,): the share of itself each image keeps (its label's weight): λ for mixup, the area left
+  outside the box for CutMix, 1 for an image not mixed."""
+  inside = cutmix_boxes(shares, centres, height, width)
+  cut_share = 1.0 - tf.reduce_mean(tf.cast(inside, tf.float32), axis=(1, 2))
+  return tf.where(mixed, tf.where(use_cutmix, cut_share, shares), 1.0)
+
+
 def mix(images: tf.Tensor, labels: tf.Tensor, shares: tf.Tensor, use_cutmix: tf.Tensor,
         centres: tf.Tensor, mixed: tf.Tensor):
   """The batch mixed with itself reversed. shares: λ per image; use_cutmix: CutMix rather than
@@ -79,10 +88,9 @@ def mix(images: tf.Tensor, labels: tf.Tensor, shares: tf.Tensor, use_cutmix: tf.
   partner_images, partner_labels = tf.reverse(images, [0]), tf.reverse(labels, [0])
   _, height, width, _ = images.shape
   inside = cutmix_boxes(shares, centres, height, width)
-  cut_share = 1.0 - tf.reduce_mean(tf.cast(inside, tf.float32), axis=(1, 2))
   cut = tf.where(inside[..., None], partner_images, images)
   blended = shares[:, None, None, None] * images + (1.0 - shares[:, None, None, None]) * partner_images
-  share = tf.where(mixed, tf.where(use_cutmix, cut_share, shares), 1.0)
+  share = kept_shares(shares, use_cutmix, centres, mixed, height, width)
   out = tf.where(mixed[:, None, None, None], tf.where(use_cutmix[:, None, None, None], cut, blended), images)
   return out, share[:, None] * labels + (1.0 - share[:, None]) * partner_labels
 
@@ -118,11 +126,19 @@ class MixingTrainer(keras.Model):
     return tf.random.experimental.stateless_fold_in(seed, MIXING_STREAM)
 
   def train_step(self, data):
-    images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    mixed, labels = mix(images, labels, **self.draw(tf.shape(images)[0], self.step_seed()))
+    x, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    # With patient metadata the batch is {"image_uint8": images, field: encoded}: each image's
+    # fields are blended with its partner's by the same share as its label.
+    images = x["image_uint8"] if isinstance(x, dict) else x
+    draws = self.draw(tf.shape(images)[0], self.step_seed())
+    mixed, mixed_labels = mix(images, labels, **draws)
     if images.dtype.is_integer:  # the wrapper takes uint8: mixup rounds to the nearest grey level
       mixed = tf.cast(tf.round(mixed), images.dtype)
-    return super().train_step(keras.utils.pack_x_y_sample_weight(mixed, labels, sample_weight))
+    if isinstance(x, dict):
+      share = kept_shares(**draws, height=images.shape[1], width=images.shape[2])[:, None]
+      mixed = {name: mixed if name == "image_uint8" else share * value + (1.0 - share) * tf.reverse(value, [0])
+               for name, value in x.items()}
+    return super().train_step(keras.utils.pack_x_y_sample_weight(mixed, mixed_labels, sample_weight))
 
   def get_config(self):
     return {**super().get_config(), "mixup": self.mixup, "cutmix": self.cutmix,

@@ -4,10 +4,13 @@ inner model (what `best_model.keras` holds, input preprocessed as the seed's
 inference example feeds it, any image size):
   [a float32 front that turns that input into what the backbone takes: job/backbones.py] →
   the backbone (`--backbone`, no top, BatchNorm frozen: never trainable, so in inference
-  mode) → GlobalAveragePooling → Dropout(0.3) → Dense(one per class of the shards'
-  manifest, softmax, float32)
+  mode) → GlobalAveragePooling → [joined with the metadata branch] → Dropout(0.3) →
+  Dense(one per class of the shards' manifest, softmax, float32)
 
   ResNet-50, the default, takes that input as is: its inner model is the seed's.
+  With --metadata, the model also takes each field encoded (job/patient_metadata.py),
+  one input per field named after it: concatenated → Dense(32, relu), joined to the
+  pooled image features, as the ISIC 2019 winner's metadata branch.
 
 training wrapper (never saved as a model; runs on the accelerator, and
 compiles under XLA whole):
@@ -20,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import augment as augment_lib, backbones, mixing as mixing_lib
+from job import augment as augment_lib, backbones, mixing as mixing_lib, patient_metadata
 from tfrecords import cli, fileio
 
 
@@ -83,12 +86,20 @@ def input_front(spec: backbones.Backbone) -> list[keras.layers.Layer]:
   return front
 
 
+METADATA_UNITS = 32
+
+
+def metadata_inputs(fields: tuple[str, ...]) -> dict[str, keras.KerasTensor]:
+  return {field: keras.Input((patient_metadata.WIDTHS[field],), name=field) for field in fields}
+
+
 def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
-                      backbone: str = backbones.DEFAULT) -> keras.Model:
+                      backbone: str = backbones.DEFAULT, metadata: tuple[str, ...] = ()) -> keras.Model:
   spec = backbones.get(backbone)
   network = build_backbone(weights, backbone)
-  inputs = keras.Input((None, None, 3), name="image")
-  x = inputs
+  image = keras.Input((None, None, 3), name="image")
+  fields = metadata_inputs(metadata)
+  x = image
   for layer in input_front(spec):
     x = layer(x)
   # BatchNorm keeps ImageNet's statistics in both stages because no BatchNorm layer is ever
@@ -97,10 +108,27 @@ def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
   # nested model's recorded `training` with the outer call's (the wrapper's training=True).
   x = network(x, training=False)
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+  if fields:
+    encoded = (keras.layers.Concatenate(name="metadata")(list(fields.values())) if len(fields) > 1
+               else next(iter(fields.values())))
+    branch = keras.layers.Dense(METADATA_UNITS, activation="relu", name="metadata_dense")(encoded)
+    x = keras.layers.Concatenate(name="image_and_metadata")([x, branch])
   x = keras.layers.Dropout(dropout, name="dropout")(x)
   outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                name="probabilities")(x)
-  return keras.Model(inputs, outputs, name=spec.model_name)
+  # An image-only model keeps the seed's one input (its example calls predict on an image batch).
+  return keras.Model({"image": image, **fields} if fields else image, outputs, name=spec.model_name)
+
+
+IMAGE_INPUT = "image_uint8"  # the training wrapper's image input
+
+
+def inner_inputs(inner: keras.Model, images, encoded: dict | None = None):
+  """What the inner model takes: the preprocessed images, with its fields (encoded) when it has any."""
+  fields = patient_metadata.fields_of(inner)
+  if not fields:
+    return images
+  return {"image": images, **{field: encoded[field] for field in fields}}
 
 
 def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
@@ -108,15 +136,18 @@ def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
                          mixing: dict | None = None) -> keras.Model:
   """augment: True, the seed's augmentation; a layer (`augmentation_of`); False leaves the
   random layers out (benchmarks measure what they cost). mixing: MixingTrainer's settings
-  (`config.mixing`), whose training step mixes the batch; None: Keras's own step."""
-  inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image_uint8")
-  x = keras.ops.cast(inputs, "float32")  # layers below cast on to the policy's compute dtype
+  (`config.mixing`), whose training step mixes the batch; None: Keras's own step. An inner
+  model with metadata: the wrapper takes {"image_uint8", each field} (data.py's batches)."""
+  image = keras.Input((image_size, image_size, 3), dtype="uint8", name=IMAGE_INPUT)
+  fields = metadata_inputs(patient_metadata.fields_of(inner))
+  x = keras.ops.cast(image, "float32")  # layers below cast on to the policy's compute dtype
   if augment is True:
     augment = augmentation(seed)
   if augment is not False:
     x = augment(x)
   x = ResNetPreprocess(name="preprocess")(x)
-  outputs = inner(x)
+  outputs = inner({"image": x, **fields} if fields else x)
+  inputs = {IMAGE_INPUT: image, **fields} if fields else image
   if mixing:
     return mixing_lib.MixingTrainer(inputs, outputs, name="training_wrapper", seed=seed, **mixing)
   return keras.Model(inputs, outputs, name="training_wrapper")
@@ -186,7 +217,8 @@ def float32_copy(inner: keras.Model) -> keras.Model:
   keras.mixed_precision.set_global_policy("float32")
   try:
     copy = build_inner_model("none", num_classes=inner.output_shape[-1],
-                             dropout=inner.get_layer("dropout").rate, backbone=backbone_name(inner))
+                             dropout=inner.get_layer("dropout").rate, backbone=backbone_name(inner),
+                             metadata=patient_metadata.fields_of(inner))
   finally:
     keras.mixed_precision.set_global_policy(policy)
   copy.set_weights(inner.get_weights())

@@ -26,7 +26,7 @@ import pandas as pd
 import tensorflow as tf
 from absl import flags, logging
 
-from job import calibration, ensemble as ensemble_lib, model as model_lib, tta as tta_lib
+from job import calibration, ensemble as ensemble_lib, patient_metadata, tta as tta_lib
 from tfrecords import cli, features, fileio, sources
 
 # What job.predict reads (features.decode_and_resize with any_format), in a folder as named.
@@ -79,25 +79,57 @@ def _regular(path: str, not_read: list[str]) -> bool:
   return True
 
 
+def image_id(path: str) -> str:
+  """What a metadata CSV and an ISIC submission call an image: its file name without extension."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def metadata_of(predictor: ensemble_lib.Ensemble, paths: list[str], metadata_csv: str | None) -> dict | None:
+  """The raw patient fields of each path, in order, for a predictor that takes them (else None);
+  a UserError names the images the CSV has no row for."""
+  fields = predictor.metadata_fields
+  if not fields:
+    if metadata_csv:
+      logging.warning("--metadata_csv=%s is not read: --model_dir=%s takes images only", metadata_csv, predictor.name)
+    return None
+  if not metadata_csv:
+    raise cli.UserError(f"--model_dir={predictor.name} takes the patient's {', '.join(fields)} beside the image: "
+                        "give --metadata_csv=FILE (a row per image id: image_id and those columns)")
+  table = patient_metadata.read_csv(metadata_csv, fields)
+  ids = [image_id(p) for p in paths]
+  missing = [i for i in ids if i not in table.index]
+  if missing:
+    raise cli.UserError(f"--metadata_csv={metadata_csv} has no row for {len(missing)} of {len(ids)} images: "
+                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+  rows = table.loc[ids]
+  if "localization" in fields:
+    for site, count in patient_metadata.unseen_sites(rows["localization"]).items():
+      logging.warning("--metadata_csv=%s: localization %r (%d image(s)) is not a site the model knows (%s): "
+                      "taken as unknown", metadata_csv, site, count, ", ".join(patient_metadata.SITES))
+  return {f: rows[f].to_numpy(np.float32 if f == "age" else object) for f in fields}
+
+
 def predict_files(predictor: ensemble_lib.Ensemble, paths: list[str], calibrated: bool = True, tta: str = "none",
-                  batch_size: int = 32) -> tuple[pd.DataFrame, list[str]]:
+                  batch_size: int = 32, metadata: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
   """Label, probability and top 3 per readable image, plus every class probability; and the
-  paths that could not be read or decoded as an image (the others are predicted all the same)."""
+  paths that could not be read or decoded as an image (the others are predicted all the same).
+  metadata: each path's raw patient fields (`metadata_of`), for a predictor that takes them."""
   sizes = predictor.image_sizes
 
-  def load(index, path):
+  def load(index, path, fields):
     contents = tf.io.read_file(path)
     return index, {size: features.decode_and_resize(contents, size, any_format=True, max_pixels=features.MAX_PIXELS)
-                   for size in sizes}
+                   for size in sizes}, fields
 
-  dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+  fields = {f: tf.constant(v.astype(str) if v.dtype == object else v) for f, v in (metadata or {}).items()}
+  dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths, fields))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
   # A file that is not an image fails alone: its index is missing from what comes out.
   dataset = dataset.ignore_errors().batch(tta_lib.images_per_batch(batch_size, tta)).prefetch(tf.data.AUTOTUNE)
   read, probabilities = [], []
-  for indices, images in dataset:
+  for indices, images, batch_fields in dataset:
     read.extend(indices.numpy().tolist())
-    probabilities.append(predictor.predict(images, tta, calibrated).calibrated)
+    probabilities.append(predictor.predict(images, tta, calibrated, metadata=batch_fields or None).calibrated)
   seen = set(read)
   unreadable = [path + _why_unreadable(path) for index, path in enumerate(paths) if index not in seen]
   paths = [paths[index] for index in read]
@@ -128,7 +160,7 @@ def isic_submission(table: pd.DataFrame, class_names) -> pd.DataFrame:
   if sorted(class_names) != sorted(c.lower() for c in sources.ISIC_CLASSES):
     raise cli.UserError(f"--format=isic2018 needs a run on the seven HAM10000 classes; this run's are "
                         f"{', '.join(class_names)}")
-  images = table["path"].map(lambda p: os.path.splitext(os.path.basename(p))[0])
+  images = table["path"].map(image_id)
   repeated = images[images.duplicated()]
   if len(repeated):
     raise cli.UserError(f"image {repeated.iloc[0]} is given twice ({', '.join(table['path'][images == repeated.iloc[0]])}); "
@@ -149,6 +181,7 @@ def _to_csv(table: pd.DataFrame) -> str:
 
 
 SERVING_INFO_FILE = "serving.json"  # in the export's assets.extra: what it serves
+METADATA_SIGNATURE = "with_metadata"  # the export's signature of image bytes plus the patient's fields
 
 
 def export_serving(predictor: ensemble_lib.Ensemble, export_dir: str, tta: str = "none"):
@@ -159,18 +192,24 @@ def export_serving(predictor: ensemble_lib.Ensemble, export_dir: str, tta: str =
 
   The input is named `image_bytes`: TF Serving decodes `{"b64": ...}` for any string input,
   and the `_bytes` suffix is what Vertex AI's documentation asks of binary inputs (TF Serving
-  uses it to base64-encode outputs)."""
+  uses it to base64-encode outputs).
+
+  A predictor that takes patient metadata keeps that default signature (its fields then taken as
+  not known) and adds METADATA_SIGNATURE: `image_bytes` and each field, `age` a float
+  (patient_metadata.MISSING_AGE when not known), `sex` and `localization` strings ("" when not
+  known; a site the model does not know is taken as unknown)."""
   class_names = tf.constant(predictor.class_names)
   members = [(m.model, m.image_size, float(m.calibration_for(tta)["temperature"])) for m in predictor.members]
+  fields = predictor.metadata_fields
 
-  def serve(image_bytes):
+  def serve_with_metadata(image_bytes, **metadata):
     # An instance whose header declares too many pixels fails the request before it is decoded.
     images = {size: tf.map_fn(lambda b, size=size: features.decode_and_resize(b, size, max_pixels=features.MAX_PIXELS),
                               image_bytes, fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
               for size in predictor.image_sizes}
     calibrated = []
     for model, image_size, temperature in members:
-      probabilities = model(model_lib.preprocess(tta_lib.views(images[image_size], tta)), training=False)
+      probabilities = ensemble_lib.probabilities_of_views(model, images[image_size], tta, metadata)
       raw = tta_lib.mean_over_views_tf(tf.cast(probabilities, tf.float32), tta)
       logits = tf.math.log(tf.clip_by_value(raw, calibration.EPSILON, 1.0))
       calibrated.append(tf.nn.softmax(logits / temperature))
@@ -179,11 +218,21 @@ def export_serving(predictor: ensemble_lib.Ensemble, export_dir: str, tta: str =
             "classes": tf.tile(class_names[None], [tf.shape(mean)[0], 1]),
             "label": tf.gather(class_names, tf.argmax(mean, axis=1))}
 
+  def serve(image_bytes):
+    return serve_with_metadata(image_bytes, **patient_metadata.unknown_raw(fields, tf.shape(image_bytes)[0]))
+
   archive = keras.export.ExportArchive()
   for model, _, _ in members:
     archive.track(model)
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  if fields:
+    def serve_fields(image_bytes, *values):  # the fields in `fields` order, as the signature names them
+      return serve_with_metadata(image_bytes, **dict(zip(fields, values)))
+
+    archive.add_endpoint(METADATA_SIGNATURE, serve_fields, input_signature=[
+        tf.TensorSpec([None], tf.string, name="image_bytes"),
+        *(tf.TensorSpec([None], tf.float32 if f == "age" else tf.string, name=f) for f in fields)])
   # Into a temporary folder, then into place: a killed export never leaves half a SavedModel
   # where TF Serving and upload_model read (and an older export stays whole until then).
   for left in fileio.remove_temporaries(os.path.dirname(export_dir.rstrip("/"))):
@@ -205,6 +254,9 @@ def define_flags():
   flags.DEFINE_enum("format", "table", ["table", "isic2018"], "--output's format: table (path, label, "
                     "probability, top3, p_<class>), or isic2018 (an ISIC 2018 Task 3 submission).")
   flags.DEFINE_string("export_dir", None, "Write a serving SavedModel (JPEG bytes in) here.")
+  flags.DEFINE_string("metadata_csv", None, "For a model trained with --metadata: the patients' fields, a row per "
+                      "image (image_id: the file name without extension; age, sex, localization, or the ISIC "
+                      "archive's age_approx, anatom_site_general), local or gs://.")
 
 
 def main(argv):
@@ -228,7 +280,8 @@ def main(argv):
     raise cli.UserError("--format=isic2018 writes a submission file: give --output=submission.csv")
   if not FLAGS.raw:
     predictor.uncalibrated_warning("these are")
-  table, unreadable = predict_files(predictor, paths, calibrated=not FLAGS.raw, tta=FLAGS.tta)
+  metadata = metadata_of(predictor, paths, FLAGS.metadata_csv)
+  table, unreadable = predict_files(predictor, paths, calibrated=not FLAGS.raw, tta=FLAGS.tta, metadata=metadata)
   unreadable, given = not_read + unreadable, len(not_read) + len(paths)
   if FLAGS.format == "isic2018":
     if unreadable:

@@ -191,7 +191,8 @@ def check_step(cfg: config_lib.TrainConfig, strategy, report: Report, manifest: 
   steps = executions * cfg.steps_per_execution
   cache = data.choose_cache(cfg.cache, info.num_examples, cfg.image_size)
   pipeline = data.train_dataset(info, cfg.image_size, cfg.global_batch_size, seed=cfg.seed, cache=cache,
-                                num_workers=max(1, distribute_utils.cluster_size_from_tf_config()))
+                                num_workers=max(1, distribute_utils.cluster_size_from_tf_config()),
+                                metadata=cfg.metadata)
   # First the compiled step alone, fed one batch of the pipeline's shapes held in memory: its first
   # execution is the compile time, its second epoch the step time with no input to wait for ...
   held = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), pipeline.element_spec)

@@ -37,19 +37,21 @@ from tfrecords import cli, fileio
 # draws differ compiled and not, so a run resumed with the other setting draws another stream.
 STAGE1_SETTINGS = ("backbone", "image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
                    "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug",
-                   "jit_compile", "fold", "augmentation", "label_smoothing", "mixing")
+                   "jit_compile", "fold", "augmentation", "label_smoothing", "mixing", "metadata")
 STAGE2_SETTINGS = STAGE1_SETTINGS + ("fine_tune_layers",)
 # Settings that records written before they were fingerprinted do not hold: not a difference.
 ADDED_LATER = ("jit_compile",)
 # Settings that such records held implicitly: the value they were written with.
-IMPLIED_BEFORE = {"backbone": backbones.DEFAULT, "augmentation": "seed", "label_smoothing": 0.0, "mixing": None}
+IMPLIED_BEFORE = {"backbone": backbones.DEFAULT, "augmentation": "seed", "label_smoothing": 0.0, "mixing": None,
+                  "metadata": []}
 
 
 def fingerprint(cfg: config_lib.TrainConfig, manifest_sha256: str, stage: int) -> dict:
   """The settings that shaped `stage` (and the stages before it), with the shards' manifest;
   the layers stage 2 fine-tunes as a count, the backbone's default resolved."""
   names = STAGE1_SETTINGS if stage == 1 else STAGE2_SETTINGS
-  derived = {"augmentation": augmentation, "mixing": config_lib.mixing}
+  derived = {"augmentation": augmentation, "mixing": config_lib.mixing,
+             "metadata": lambda cfg: list(cfg.metadata)}  # as JSON keeps it
   values = {name: derived[name](cfg) if name in derived else getattr(cfg, name) for name in names}
   if "fine_tune_layers" in values and values["fine_tune_layers"] is None:
     values["fine_tune_layers"] = backbones.get(cfg.backbone).fine_tune_layers

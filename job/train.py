@@ -287,7 +287,8 @@ def build_models(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                  num_classes: int) -> tuple[keras.Model, keras.Model]:
   """The inner model and the training wrapper around it, in the strategy's scope."""
   with strategy.scope():
-    inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes, backbone=cfg.backbone)
+    inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes, backbone=cfg.backbone,
+                                        metadata=cfg.metadata)
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, model_lib.augmentation_of(cfg),
                                              config_lib.mixing(cfg))
   return inner, wrapper
@@ -335,9 +336,10 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
   num_val = min(val_info.num_examples, take_eval or val_info.num_examples)
   cache = data.choose_cache(cfg.cache, num_train + num_val, cfg.image_size)
-  train_examples = data.train_examples(train_info, cfg.image_size, seed=cfg.seed, take=take_train, cache=cache)
+  train_examples = data.train_examples(train_info, cfg.image_size, seed=cfg.seed, take=take_train, cache=cache,
+                                       metadata=cfg.metadata)
   validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval,
-                                       cache=cache)
+                                       cache=cache, metadata=cfg.metadata)
   steps_per_epoch, steps_per_execution = epoch_steps(num_train, cfg.global_batch_size,
                                                      cfg.steps_per_execution)
   logging.info("train: %d images, %d steps of %d per epoch; validation: %d images in %d steps; "

@@ -17,6 +17,7 @@ real test set's first, ISIC_0034524, so they never meet the training ids).
   python -m tfrecords.synthetic --output_dir=/tmp/ham_synth --num_images=600
   python -m tfrecords.synthetic --output_dir=/tmp/cache --layout=kagglehub_cache
   python -m tfrecords.synthetic --output_dir=/tmp/isic_test --layout=isic2018_test
+  python -m tfrecords.synthetic --output_dir=/tmp/ham_sites --site_signal=0.5   # sites that carry the class
 """
 
 import csv
@@ -82,6 +83,9 @@ def define_flags():
   flags.DEFINE_integer("kaggle_version", 2, "Dataset version for --layout=kagglehub_cache.")
   flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes that render images.")
+  flags.DEFINE_float("site_signal", 0.0, "The share of lesions photographed at their class's own site, so "
+                     "that the label depends partly on the localization (for --metadata runs); 0: the site is "
+                     "random, as the default dataset's.")
 
 
 def class_image_counts(num_images: int) -> dict[str, int]:
@@ -96,8 +100,17 @@ def class_image_counts(num_images: int) -> dict[str, int]:
   return counts
 
 
-def make_metadata(num_images: int, seed: int, first_image: int = FIRST_IMAGE_NUMBER["Training"]) -> list[dict]:
-  """Rows of HAM10000_metadata.csv, plus the private `_look` seed of each lesion."""
+# --site_signal: the site a lesion of each class is photographed at, when its site carries the
+# class (each in another of the ISIC archive's general sites, job/patient_metadata.py).
+CLASS_SITES = {"akiec": "face", "bcc": "chest", "bkl": "trunk", "df": "lower extremity", "mel": "back",
+               "nv": "upper extremity", "vasc": "acral"}
+
+
+def make_metadata(num_images: int, seed: int, first_image: int = FIRST_IMAGE_NUMBER["Training"],
+                  site_signal: float = 0.0) -> list[dict]:
+  """Rows of HAM10000_metadata.csv, plus the private `_look` seed of each lesion. site_signal: the
+  share of lesions whose site is their class's own (CLASS_SITES), the rest drawn at random, so
+  that the label depends partly on the site (0: the site says nothing of the class)."""
   rng = np.random.default_rng(seed)
   rows = []
   lesion_number = 0
@@ -117,6 +130,8 @@ def make_metadata(num_images: int, seed: int, first_image: int = FIRST_IMAGE_NUM
           "localization": str(rng.choice(LOCALIZATIONS)),
           "_look": int(rng.integers(2**31)),
       }
+      if site_signal and rng.random() < site_signal:  # drawn only then: site_signal 0 writes what it always did
+        lesion["localization"] = CLASS_SITES[dx]
       rows.extend(dict(lesion, _photo=p) for p in range(photos))
   order = rng.permutation(len(rows))
   rows = [rows[i] for i in order]
@@ -183,16 +198,20 @@ def kagglehub_cache_dataset_dir(cache_dir: str, version: int) -> str:
 
 
 def write_dataset(output_dir: str, num_images: int = 600, seed: int = 0, layout: str = "kaggle",
-                  kaggle_version: int = 2, jpeg_quality: int = 95, workers: int = 1) -> str:
+                  kaggle_version: int = 2, jpeg_quality: int = 95, workers: int = 1, site_signal: float = 0.0) -> str:
   """Writes the dataset and returns the folder that holds the metadata CSV."""
+  if not 0 <= site_signal <= 1:
+    raise cli.UserError(f"--site_signal={site_signal} must be between 0 and 1")
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: one of {', '.join(LAYOUTS)}")
   if layout.startswith("isic2018"):
+    if site_signal:
+      raise cli.UserError("--site_signal: the ISIC 2018 layouts carry no sites")
     return write_isic_dataset(output_dir, num_images, seed, layout, jpeg_quality, workers)
   root = output_dir
   if layout == "kagglehub_cache":
     root = kagglehub_cache_dataset_dir(output_dir, kaggle_version)
-  rows = make_metadata(num_images, seed)
+  rows = make_metadata(num_images, seed, site_signal=site_signal)
   half = (len(rows) + 1) // 2
   _render(rows, [os.path.join(root, sources.IMAGE_FOLDERS[n >= half]) for n in range(len(rows))],
           jpeg_quality, workers)
@@ -263,17 +282,18 @@ def write_isic_dataset(output_dir: str, num_images: int = 600, seed: int = 0, la
 
 
 def write_and_convert(work_dir: str, num_images: int, image_size: int = 0, seed: int = 0,
-                      num_train_shards: int = 16, folds: int = 0):
+                      num_train_shards: int = 16, folds: int = 0, site_signal: float = 0.0):
   """A synthetic dataset and its shards under `work_dir`, each made once per setting.
 
   Returns (images_dir, shards_dir, source); the demo and the benchmarks start here."""
   from tfrecords import convert  # pylint: disable=g-import-not-at-top
   workers = os.cpu_count() or 1
-  images_dir = os.path.join(work_dir, f"images_{num_images}_{seed}")
+  sites = f"_sites{site_signal:g}" if site_signal else ""
+  images_dir = os.path.join(work_dir, f"images_{num_images}_{seed}{sites}")
   if not os.path.exists(os.path.join(images_dir, sources.METADATA_FILE)):
-    write_dataset(images_dir, num_images=num_images, seed=seed, workers=workers)
+    write_dataset(images_dir, num_images=num_images, seed=seed, workers=workers, site_signal=site_signal)
   source = sources.open_source(images_dir)
-  shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}_{image_size}_{num_train_shards}"
+  shards_dir = os.path.join(work_dir, f"shards_{num_images}_{seed}{sites}_{image_size}_{num_train_shards}"
                             + (f"_folds{folds}" if folds else ""))
   settings = convert.Settings(source=images_dir, image_size=image_size, seed=seed,
                               num_train_shards=num_train_shards, folds=folds)
@@ -291,7 +311,7 @@ def _link_or_copy(src, dst):
 def main(argv):
   del argv
   root = write_dataset(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, FLAGS.layout,
-                       FLAGS.kaggle_version, FLAGS.jpeg_quality, FLAGS.workers)
+                       FLAGS.kaggle_version, FLAGS.jpeg_quality, FLAGS.workers, FLAGS.site_signal)
   logging.info("Synthetic HAM10000 (%d images, layout %s) in %s", FLAGS.num_images, FLAGS.layout, root)
   print(root)
 
