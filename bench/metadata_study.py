@@ -37,6 +37,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
   flags.DEFINE_string("work_dir", None, "Where the data and the runs go (default: a temporary folder).")
   flags.DEFINE_string("data_dir", None, "Shards to study instead of the synthetic ones.")
+  flags.DEFINE_enum("color_constancy", "none", config_lib.COLOR_CONSTANCY, "job.train's, for both runs.")
   flags.DEFINE_bool("debug", False, "Train both runs on job.train --debug's small subset (a quick check).")
 
 
@@ -49,7 +50,7 @@ def main(argv):
       data_dir=data_dir, model_dir=os.path.join(runs, f"image_only_{os.path.basename(data_dir)}"),
       weights="none", image_size=FLAGS.image_size, global_batch_size=16, stage1_epochs=FLAGS.stage1_epochs,
       stage2_epochs=FLAGS.stage2_epochs, stage1_lr=1e-3, mixed_precision="off", strategy="one_device",
-      seed=FLAGS.seed, debug=FLAGS.debug, overwrite=True)
+      seed=FLAGS.seed, debug=FLAGS.debug, color_constancy=FLAGS.color_constancy, overwrite=True)
   with_metadata = dataclasses.replace(image_only, metadata=FIELDS,
                                       model_dir=os.path.join(runs, f"metadata_{os.path.basename(data_dir)}"))
   for cfg in (image_only, with_metadata):
@@ -60,6 +61,7 @@ def main(argv):
   common.report({
       "bench": "metadata_study", "image_size": FLAGS.image_size, "seed": FLAGS.seed,
       "site_signal": FLAGS.site_signal, "epochs": [FLAGS.stage1_epochs, FLAGS.stage2_epochs],
+      "color_constancy": FLAGS.color_constancy,
       "runs": [image_only.model_dir, with_metadata.model_dir],
       "metadata_vs_image_only": {key: compared[key] for key in ("balanced_accuracy", "macro_roc_auc")}})
 

@@ -27,7 +27,7 @@ def build(cfg: config_lib.TrainConfig, class_weights: np.ndarray, augment: bool 
   performance.set_policy(performance.policy_name(cfg.mixed_precision, "one_device"))
   keras.utils.set_random_seed(cfg.seed)
   inner = model_lib.build_inner_model("none", num_classes=len(class_weights), backbone=cfg.backbone,
-                                      metadata=cfg.metadata)
+                                      metadata=cfg.metadata, color_constancy=cfg.color_constancy)
   wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed,
                                            augment=model_lib.augmentation_of(cfg) if augment else False,
                                            mixing=config_lib.mixing(cfg) if augment else None)

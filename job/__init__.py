@@ -6,6 +6,7 @@
   augment.py        the augmentation (the seed's, the dermoscopy preset), XLA-compilable, inside the model
   mixing.py         mixup and CutMix, in the training wrapper's own step
   patient_metadata  age, sex and site as model inputs (--metadata), one site vocabulary
+  color_constancy   Shades of Gray, the saved model's first layer (--color_constancy)
   model.py          the saved inner model and the training wrapper around it
   backbones.py      the backbones by name (--backbone), their input and stage-2 share
   distribute_utils  the tf.distribute strategy, chosen in one place

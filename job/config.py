@@ -23,6 +23,7 @@ JIT_COMPILE = ("auto", "on", "off")
 CACHE_MODES = ("auto", "memory", "disk", "none")  # job/data.py
 LR_SCALING = ("sqrt", "linear", "none")  # job/optimization.py
 AUGMENT = ("seed", "dermoscopy")  # job/augment.py
+COLOR_CONSTANCY = ("none", "shades_of_gray")  # job/color_constancy.py
 # The dermoscopy preset's strengths (--aug_<name>), each a TrainConfig field "aug_<name>".
 AUGMENT_STRENGTHS = ("rotation", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "cutout")
 MIN_IMAGE_SIZE = 32
@@ -63,6 +64,7 @@ class TrainConfig:
   aug_hue: float = 0.05  # of a full turn of hue
   aug_cutout: float = 0.3  # the hole's side, of the image's; 0: none
   label_smoothing: float = 0.0
+  color_constancy: str = "none"
   mixup: float = 0.0  # Beta(α, α) of mixup's share; 0: off (job/mixing.py)
   cutmix: float = 0.0  # the same for CutMix
   mix_probability: float = 1.0  # of a training image being mixed, when either is on
@@ -165,6 +167,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
                      ("hue", "hue, ± a fraction of a full turn"), ("cutout", "cutout's side, a fraction of "
                                                                      "the image's (0: none)")):
     floating(f"aug_{name}", d(f"aug_{name}"), f"--augment=dermoscopy: {what}.")
+  enum("color_constancy", d("color_constancy"), COLOR_CONSTANCY, "shades_of_gray: Shades of Gray (p = 6) colour "
+       "constancy as the saved model's first layer, in training, evaluation, prediction and serving alike; such a "
+       "model does not load in the seed's inference example (docs/training.md).")
   floating("label_smoothing", d("label_smoothing"), "Label smoothing of the loss (0: none); the class "
            "weights follow the hard label.")
   floating("mixup", d("mixup"), "Mixup: α of the Beta(α, α) share each training image keeps of itself "
@@ -276,6 +281,8 @@ def validated(cfg: TrainConfig) -> TrainConfig:
       raise cli.UserError(f"--{name}={getattr(cfg, name)}: expected α ≥ 0 of Beta(α, α) (0: off)")
   if not 0 < cfg.mix_probability <= 1:
     raise cli.UserError(f"--mix_probability={cfg.mix_probability} must be above 0 and at most 1")
+  if cfg.color_constancy not in COLOR_CONSTANCY:
+    raise cli.UserError(f"--color_constancy={cfg.color_constancy}: expected one of {', '.join(COLOR_CONSTANCY)}")
   if cfg.augment not in AUGMENT:
     raise cli.UserError(f"--augment={cfg.augment}: expected one of {', '.join(AUGMENT)}")
   for name in ("stage1_lr", "stage2_lr"):

@@ -8,6 +8,7 @@ inference example feeds it, any image size):
   Dense(one per class of the shards' manifest, softmax, float32)
 
   ResNet-50, the default, takes that input as is: its inner model is the seed's.
+  --color_constancy=shades_of_gray puts job/color_constancy.py's layer first.
   With --metadata, the model also takes each field encoded (job/patient_metadata.py),
   one input per field named after it: concatenated → Dense(32, relu), joined to the
   pooled image features, as the ISIC 2019 winner's metadata branch.
@@ -23,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import augment as augment_lib, backbones, mixing as mixing_lib, patient_metadata
+from job import augment as augment_lib, backbones, color_constancy as color_constancy_lib, mixing as mixing_lib, patient_metadata
 from tfrecords import cli, fileio
 
 
@@ -87,6 +88,12 @@ def input_front(spec: backbones.Backbone) -> list[keras.layers.Layer]:
 
 
 METADATA_UNITS = 32
+COLOR_CONSTANCY_LAYER = "shades_of_gray"
+
+
+def color_constancy_of(inner: keras.Model) -> str:
+  """The --color_constancy an inner model was built with."""
+  return "shades_of_gray" if any(layer.name == COLOR_CONSTANCY_LAYER for layer in inner.layers) else "none"
 
 
 def metadata_inputs(fields: tuple[str, ...]) -> dict[str, keras.KerasTensor]:
@@ -94,12 +101,16 @@ def metadata_inputs(fields: tuple[str, ...]) -> dict[str, keras.KerasTensor]:
 
 
 def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
-                      backbone: str = backbones.DEFAULT, metadata: tuple[str, ...] = ()) -> keras.Model:
+                      backbone: str = backbones.DEFAULT, metadata: tuple[str, ...] = (),
+                      color_constancy: str = "none") -> keras.Model:
+  """color_constancy: --color_constancy (job/color_constancy.py), the model's first layer when not none."""
   spec = backbones.get(backbone)
   network = build_backbone(weights, backbone)
   image = keras.Input((None, None, 3), name="image")
   fields = metadata_inputs(metadata)
   x = image
+  if color_constancy == "shades_of_gray":
+    x = color_constancy_lib.ShadesOfGray(name=COLOR_CONSTANCY_LAYER)(x)
   for layer in input_front(spec):
     x = layer(x)
   # BatchNorm keeps ImageNet's statistics in both stages because no BatchNorm layer is ever
@@ -218,7 +229,7 @@ def float32_copy(inner: keras.Model) -> keras.Model:
   try:
     copy = build_inner_model("none", num_classes=inner.output_shape[-1],
                              dropout=inner.get_layer("dropout").rate, backbone=backbone_name(inner),
-                             metadata=patient_metadata.fields_of(inner))
+                             metadata=patient_metadata.fields_of(inner), color_constancy=color_constancy_of(inner))
   finally:
     keras.mixed_precision.set_global_policy(policy)
   copy.set_weights(inner.get_weights())

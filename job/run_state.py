@@ -37,13 +37,14 @@ from tfrecords import cli, fileio
 # draws differ compiled and not, so a run resumed with the other setting draws another stream.
 STAGE1_SETTINGS = ("backbone", "image_size", "weights", "seed", "global_batch_size", "stage1_lr", "stage2_lr",
                    "lr_scaling", "base_batch_size", "warmup_epochs", "class_weights", "monitor", "debug",
-                   "jit_compile", "fold", "augmentation", "label_smoothing", "mixing", "metadata")
+                   "jit_compile", "fold", "augmentation", "label_smoothing", "mixing", "metadata",
+                   "color_constancy")
 STAGE2_SETTINGS = STAGE1_SETTINGS + ("fine_tune_layers",)
 # Settings that records written before they were fingerprinted do not hold: not a difference.
 ADDED_LATER = ("jit_compile",)
 # Settings that such records held implicitly: the value they were written with.
 IMPLIED_BEFORE = {"backbone": backbones.DEFAULT, "augmentation": "seed", "label_smoothing": 0.0, "mixing": None,
-                  "metadata": []}
+                  "metadata": [], "color_constancy": "none"}
 
 
 def fingerprint(cfg: config_lib.TrainConfig, manifest_sha256: str, stage: int) -> dict:

@@ -288,7 +288,7 @@ def build_models(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
   """The inner model and the training wrapper around it, in the strategy's scope."""
   with strategy.scope():
     inner = model_lib.build_inner_model(cfg.weights, num_classes=num_classes, backbone=cfg.backbone,
-                                        metadata=cfg.metadata)
+                                        metadata=cfg.metadata, color_constancy=cfg.color_constancy)
     wrapper = model_lib.build_training_model(inner, cfg.image_size, cfg.seed, model_lib.augmentation_of(cfg),
                                              config_lib.mixing(cfg))
   return inner, wrapper
