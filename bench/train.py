@@ -10,8 +10,10 @@ pair by pair. Then the same job under variants: mixed_bfloat16,
 steps_per_execution, XLA (augmentation included: job/augment.py compiles under
 XLA), the augmentation left out (to see what running it in the step costs), the
 dermoscopy preset in place of the seed's (`--augment=dermoscopy`), mixup and
-CutMix in the training step (`--mixup=0.8 --cutmix=1.0`, job/mixing.py), and
-last --deterministic (op determinism, which cannot be undone in a process).
+CutMix in the training step (`--mixup=0.8 --cutmix=1.0`, job/mixing.py), the
+patient's fields through their branch (`--metadata=age,sex,localization`), Shades
+of Gray (`--color_constancy`), and last --deterministic (op determinism, which
+cannot be undone in a process).
 """
 
 import dataclasses
@@ -48,8 +50,8 @@ def main(argv):
   base = config_lib.TrainConfig(data_dir=shards_dir, image_size=FLAGS.image_size, mixed_precision="off",
                                 global_batch_size=FLAGS.batch_size, jit_compile="off")
 
-  def pipeline():
-    return data.train_dataset(info, FLAGS.image_size, FLAGS.batch_size)
+  def pipeline(cfg=base):
+    return data.train_dataset(info, FLAGS.image_size, FLAGS.batch_size, metadata=cfg.metadata)
 
   model = build(base, weights)
   one_batch = next(iter(pipeline()))
@@ -72,11 +74,13 @@ def main(argv):
         "xla_with_augmentation": (dataclasses.replace(base, jit_compile="on"), True),
         "dermoscopy_augmentation": (dataclasses.replace(base, augment="dermoscopy"), True),  # vs the seed's
         "mixup_cutmix": (dataclasses.replace(base, mixup=0.8, cutmix=1.0), True),  # timm's alphas, in the step
+        "metadata": (dataclasses.replace(base, metadata=config_lib.METADATA_FIELDS), True),  # the fields' branch
+        "color_constancy": (dataclasses.replace(base, color_constancy="shades_of_gray"), True),
     }
     reference = figures["job_img_s"]
     for name, (cfg, augment) in variants.items():
       variant = build(cfg, weights, augment)
-      speed = images_per_second(variant, pipeline(), steps, FLAGS.epochs, FLAGS.batch_size)
+      speed = images_per_second(variant, pipeline(cfg), steps, FLAGS.epochs, FLAGS.batch_size)
       figures[f"{name}_vs_float32"] = speed / reference
       if name == "xla_with_augmentation":
         figures["xla_in_effect_with_augmentation"] = bool(variant.jit_compile)

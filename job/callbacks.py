@@ -191,6 +191,12 @@ class Preempted(Exception):
   """SIGTERM arrived and the backup is saved: the process should exit and be restarted."""
 
 
+def random_states(model: keras.Model) -> list:
+  """The model's SeedGenerator states (the augmentation's, the mixing's), in the model's order,
+  which a rebuilt model shares (their names do not: Keras numbers them per process)."""
+  return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
 class PreemptibleBackup(keras.callbacks.BackupAndRestore):
   """Keras's BackupAndRestore, which also backs up and stops on SIGTERM.
 
@@ -244,6 +250,7 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
       if saved is not None and saved.get("fingerprint") == self.fingerprint:
         super().on_train_begin(logs)  # restores the weights and the epoch from restore_dir
         self._restore_callback_states(saved.get("callbacks", {}))
+        self._restore_random_states(saved.get("random_states"))
     finally:
       self._weights_path, self._training_metadata_path = own_paths
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -273,7 +280,17 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
       self.model.save_weights(tmp)
     fileio.write_json(self._training_metadata_path,  # after the weights it describes
                       {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                       "fingerprint": self.fingerprint, "callbacks": self._callback_states()})
+                       "fingerprint": self.fingerprint, "callbacks": self._callback_states(),
+                       "random_states": [v.numpy().tolist() for v in random_states(self.model)]})
+
+  def _restore_random_states(self, states: list | None):
+    # The augmentation's and the mixing's SeedGenerator states are not weights: save_weights
+    # leaves them out, and a resumed stage would draw its first epochs' augmentation again.
+    variables = random_states(self.model)
+    if states is None or len(states) != len(variables):  # a backup from before they were saved
+      return
+    for variable, value in zip(variables, states):
+      variable.assign(np.asarray(value, dtype=variable.dtype))
 
   # What EarlyStopping and ReduceLROnPlateau count between epochs: saved with the backup, so
   # a resumed stage stops and lowers the rate exactly where an uninterrupted one would.

@@ -4,6 +4,7 @@ that survive a restart, a cache that fits, and epochs of the length asked for.""
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 
@@ -184,6 +185,48 @@ def test_early_stopping_and_reduce_lr_resume_where_they_were(tmp_path):
   resumed, _ = fit(10)
   assert resumed.epoch == [2, 3]  # stops where the uninterrupted run stopped
   assert resumed.history["learning_rate"] == pytest.approx(uninterrupted.history["learning_rate"][2:])
+
+
+def test_a_resumed_stage_draws_on_from_where_its_backup_left_the_random_streams(tmp_path):
+  """The augmentation's and the mixing's SeedGenerators are not weights (save_weights leaves
+  them out): restored from the backup, a resumed stage draws what an uninterrupted one would
+  draw next, not its first epochs' augmentation again."""
+  from job import model as model_lib
+  x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+  y = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+
+  def fit(epochs, stop_after=None):
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((None, None, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2, activation="softmax")])
+    model = model_lib.build_training_model(inner, 32, seed=3, mixing={"mixup": 0.4, "cutmix": 0.0, "probability": 1.0})
+    model.compile(keras.optimizers.Adam(0.0), "categorical_crossentropy")
+    backup = callbacks_lib.PreemptibleBackup(str(tmp_path / "backup"), fingerprint={"run": 1})
+
+    class StopAfter(keras.callbacks.Callback):
+      def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == stop_after:
+          backup.requested = True
+
+    class Seen(keras.callbacks.Callback):  # the streams' states when each epoch begins
+      states = []
+
+      def on_epoch_begin(self, epoch, logs=None):
+        self.states.append([v.numpy().tolist() for v in callbacks_lib.random_states(self.model)])
+
+    seen = Seen()
+    seen.states = []
+    try:
+      model.fit(x, y, batch_size=4, epochs=epochs, verbose=0, callbacks=[StopAfter(), seen, backup])
+    except callbacks_lib.Preempted:
+      pass
+    return seen.states
+
+  uninterrupted = fit(3)
+  assert len(uninterrupted[0]) == 2 and uninterrupted[0] != uninterrupted[1]  # augmentation and mixing
+  shutil.rmtree(tmp_path / "backup", ignore_errors=True)
+  assert fit(3, stop_after=2) == uninterrupted[:2]
+  assert fit(3) == uninterrupted[2:]  # epoch 3 begins where the uninterrupted run's did
 
 
 def test_a_backup_of_another_run_is_not_restored(tmp_path):
