@@ -56,9 +56,8 @@ def split_info(data_dir: str, manifest: dict, split: str, fold: int | None = Non
   return manifest_lib.split_info(data_dir, manifest, split)
 
 
-def _decoded(info: SplitInfo, image_size: int | tuple[int, ...], keys: list[str], *, shuffle_files: bool, seed: int = 0,
-             take: int | None = None) -> tf.data.Dataset:
-  """(uint8 image at the training size, label, metadata dict) per example."""
+def _records(info: SplitInfo, *, shuffle_files: bool, seed: int = 0, take: int | None = None) -> tf.data.Dataset:
+  """The split's serialized examples (a fold's run: its folds only)."""
   files = tf.data.Dataset.from_tensor_slices(info.files)
   if shuffle_files:
     files = files.shuffle(len(info.files), seed=seed)
@@ -70,7 +69,13 @@ def _decoded(info: SplitInfo, image_size: int | tuple[int, ...], keys: list[str]
         features.parse_example(record, [features.FOLD])[features.FOLD], wanted)))
   if take:
     dataset = dataset.take(take)
+  return dataset
 
+
+def _decoded(info: SplitInfo, image_size: int | tuple[int, ...], keys: list[str], *, shuffle_files: bool, seed: int = 0,
+             take: int | None = None) -> tf.data.Dataset:
+  """(uint8 image at the training size, label, metadata dict) per example."""
+  dataset = _records(info, shuffle_files=shuffle_files, seed=seed, take=take)
   num_classes = len(info.class_counts)
 
   def parse(record):
@@ -170,6 +175,20 @@ def _model_input(fields: tuple[str, ...]):
 
 def _metadata_keys(fields: tuple[str, ...]) -> list[str]:
   return [METADATA_KEYS[f] for f in fields]  # parsed into the metadata dict under the field's name
+
+
+def metadata_counts(info: SplitInfo, fields: tuple[str, ...]) -> dict[str, dict[str, int]]:
+  """{field: {category: images}} of a split as the encoding sees it (patient_metadata.categories):
+  what a metadata model learns an input for. Reads the fields only, not the images."""
+  dataset = _records(info, shuffle_files=False).map(
+      lambda record: {f: features.parse_example(record, [METADATA_KEYS[f]])[METADATA_KEYS[f]] for f in fields},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  counts = {f: dict.fromkeys(patient_metadata.categories(f), 0) for f in fields}
+  for batch in dataset.batch(4096):
+    for field, found in patient_metadata.category_counts(fields, batch).items():
+      for category, number in found.items():
+        counts[field][category] += number
+  return counts
 
 
 def train_examples(info: SplitInfo, image_size: int, *, seed: int = 0, take: int | None = None,

@@ -60,6 +60,7 @@ class Member:
   image_size: int
   class_names: tuple[str, ...]
   calibration: dict | None
+  metadata_counts: dict | None = None  # --metadata: the train split's categories (run_config.json)
 
   def calibration_for(self, mode: str) -> dict:
     """{"temperature", "melanoma_threshold"} of the TTA mode (temperature 1 before calibration)."""
@@ -152,6 +153,16 @@ class Ensemble:
     taken = {f for m in self.members for f in m.metadata_fields}
     return tuple(f for f in patient_metadata.FIELDS if f in taken)
 
+  def warn_untrained(self, raw: dict, where: str):
+    """Warns of the values in `raw` (a table's fields) that some member's train split never had."""
+    for member in self.members:
+      if not member.metadata_counts:
+        continue
+      for field, found in patient_metadata.untrained(member.metadata_counts, raw).items():
+        logging.warning("%s: %s %s, which the train split of --model_dir=%s never had: the model learned nothing "
+                        "for it, so these predictions rest on an untrained input", where, field,
+                        ", ".join(f"{c} ({n} image(s))" for c, n in found.items()), member.model_dir)
+
   def predict(self, images: dict[int, tf.Tensor], mode: str = "none", calibrated: bool = True,
               metadata: dict | None = None) -> Prediction:
     """Probabilities of one batch; `images`: the batch at each of image_sizes (uint8); `metadata`:
@@ -177,9 +188,10 @@ class Ensemble:
 
 def load_member(model_dir: str) -> Member:
   # The run config first: a folder that holds no run is told so, not that its model is missing.
-  image_size = artifacts.read_run_config(model_dir)["image_size"]
-  return Member(model_dir, artifacts.load_best_model(model_dir), image_size, artifacts.class_names(model_dir),
-                artifacts.read_calibration(model_dir))
+  run_config = artifacts.read_run_config(model_dir)
+  return Member(model_dir, artifacts.load_best_model(model_dir), run_config["image_size"],
+                artifacts.class_names(model_dir), artifacts.read_calibration(model_dir),
+                run_config.get("metadata_counts"))
 
 
 def fold_dirs(root: str) -> list[str]:

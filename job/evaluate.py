@@ -305,6 +305,9 @@ def evaluate(model_dirs: list[str] | str, data_dir: str, split: str = "test", ta
   manifest_lib.check_shards(data_dir, manifest, (split,))  # a damaged shard, named, not a DataLossError
   class_names = predictor.class_names
   table = predict_split(predictor, info, tta, take=take)
+  if predictor.metadata_fields:  # an outside set may not record what the model takes
+    predictor.warn_untrained({f: tf.constant(table[f].to_numpy(np.float32 if f == "age" else str))
+                              for f in predictor.metadata_fields}, f"the {split} split of --data_dir={data_dir}")
   threshold = melanoma_threshold or predictor.melanoma_threshold(tta)
   temperatures = [m.calibration_for(tta)["temperature"] for m in predictor.members]
   fitted_on = {m.calibration.get("fitted_on", "validation") for m in predictor.members}

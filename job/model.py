@@ -8,14 +8,15 @@ inference example feeds it, any image size):
   Dense(one per class of the shards' manifest, softmax, float32)
 
   ResNet-50, the default, takes that input as is: its inner model is the seed's.
-  --color_constancy=shades_of_gray puts job/color_constancy.py's layer first.
+  --color_constancy=shades_of_gray puts job/color_constancy.py's layer first (in training,
+  the wrapper corrects before its augmentation instead).
   With --metadata, the model also takes each field encoded (job/patient_metadata.py),
   one input per field named after it: concatenated → Dense(32, relu), joined to the
   pooled image features, as the ISIC 2019 winner's metadata branch.
 
 training wrapper (never saved as a model; runs on the accelerator, and
 compiles under XLA whole):
-  uint8 → float → random flip / rotation / zoom / contrast (job/augment.py, in
+  uint8 → float → [Shades of Gray] → random flip / rotation / zoom / contrast (job/augment.py, in
   0-255 space: the contrast clips to its value range) → preprocess_input →
   inner model
 """
@@ -110,7 +111,7 @@ def build_inner_model(weights: str, num_classes: int, dropout: float = 0.3,
   fields = metadata_inputs(metadata)
   x = image
   if color_constancy == "shades_of_gray":
-    x = color_constancy_lib.ShadesOfGray(name=COLOR_CONSTANCY_LAYER)(x)
+    x = color_constancy_lib.ShadesOfGray(inference_only=True, name=COLOR_CONSTANCY_LAYER)(x)
   for layer in input_front(spec):
     x = layer(x)
   # BatchNorm keeps ImageNet's statistics in both stages because no BatchNorm layer is ever
@@ -152,6 +153,8 @@ def build_training_model(inner: keras.Model, image_size: int, seed: int = 0,
   image = keras.Input((image_size, image_size, 3), dtype="uint8", name=IMAGE_INPUT)
   fields = metadata_inputs(patient_metadata.fields_of(inner))
   x = keras.ops.cast(image, "float32")  # layers below cast on to the policy's compute dtype
+  if color_constancy_of(inner) == "shades_of_gray":  # before the augmentation (job/color_constancy.py)
+    x = color_constancy_lib.ShadesOfGray(space="rgb", name="shades_of_gray_before_augment")(x)
   if augment is True:
     augment = augmentation(seed)
   if augment is not False:

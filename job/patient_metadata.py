@@ -10,8 +10,8 @@ same in the input pipeline, job.predict and the serving export:
 Sites come in two vocabularies: HAM10000's (`back`, `trunk`, `face`, …) and the
 ISIC archive's general sites (`anterior torso`, `head/neck`, …), which ISIC 2019
 uses for the HAM10000 images it contains. One vocabulary serves both: HAM10000's
-names fold onto the ISIC archive's, so a model trained on either set reads the
-other's sites as the same inputs.
+names fold onto the ISIC archive's, so the same site is the same input whichever set names
+it (a site one set never uses is still an input a model trained on it never learned).
 
 A model with metadata has one input per field, named after it, beside `image`
 (job/model.py): its inputs say which fields it takes. `dx_type` is never an
@@ -78,6 +78,41 @@ def encode(fields: tuple[str, ...], raw: dict) -> dict[str, tf.Tensor]:
     out["sex"] = _one_hot_of(raw["sex"], {s: s for s in SEXES} | {"": UNKNOWN}, SEXES)
   if "localization" in fields:
     out["localization"] = _one_hot_of(raw["localization"], SITE_ALIASES, SITES)
+  return out
+
+
+def categories(field: str) -> tuple[str, ...]:
+  """What the encoding tells apart in a field: age known or missing, each sex, each site."""
+  return {"age": ("known", "missing"), "sex": SEXES, "localization": SITES}[field]
+
+
+def category_counts(fields: tuple[str, ...], raw: dict) -> dict[str, dict[str, int]]:
+  """{field: {category: count}} of a batch of raw values."""
+  out = {}
+  for field, encoded in encode(fields, raw).items():
+    encoded = encoded.numpy()
+    if field == "age":
+      missing = int(encoded[:, 1].sum())
+      out[field] = {"known": len(encoded) - missing, "missing": missing}
+    else:
+      out[field] = dict(zip(categories(field), encoded.sum(axis=0).astype(int).tolist()))
+  return out
+
+
+def never_known(counts: dict[str, dict[str, int]]) -> list[str]:
+  """The fields whose every value is not known (a branch on them would learn nothing)."""
+  unknown = {"age": "missing", "sex": UNKNOWN, "localization": UNKNOWN}
+  return [f for f, found in counts.items() if sum(found.values()) == found[unknown[f]]]
+
+
+def untrained(counts: dict[str, dict[str, int]], raw: dict) -> dict[str, dict[str, int]]:
+  """{field: {category: images}} of the values in `raw` whose category `counts` (a training
+  split's) never had: inputs the model never learned anything for."""
+  out = {}
+  for field, found in category_counts(tuple(counts), raw).items():
+    unseen = {c: n for c, n in found.items() if n and not counts[field].get(c)}
+    if unseen:
+      out[field] = unseen
   return out
 
 

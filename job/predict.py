@@ -106,7 +106,10 @@ def metadata_of(predictor: ensemble_lib.Ensemble, paths: list[str], metadata_csv
     for site, count in patient_metadata.unseen_sites(rows["localization"]).items():
       logging.warning("--metadata_csv=%s: localization %r (%d image(s)) is not a site the model knows (%s): "
                       "taken as unknown", metadata_csv, site, count, ", ".join(patient_metadata.SITES))
-  return {f: rows[f].to_numpy(np.float32 if f == "age" else object) for f in fields}
+  raw = {f: rows[f].to_numpy(np.float32 if f == "age" else object) for f in fields}
+  predictor.warn_untrained({f: tf.constant(v.astype(str) if v.dtype == object else v) for f, v in raw.items()},
+                           f"--metadata_csv={metadata_csv}")
+  return raw
 
 
 def predict_files(predictor: ensemble_lib.Ensemble, paths: list[str], calibrated: bool = True, tta: str = "none",
@@ -227,6 +230,9 @@ def export_serving(predictor: ensemble_lib.Ensemble, export_dir: str, tta: str =
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   if fields:
+    logging.info("the export takes the patient's %s: its %s signature with them, serving_default (JPEG bytes only) "
+                 "as not known", ", ".join(fields), METADATA_SIGNATURE)
+
     def serve_fields(image_bytes, *values):  # the fields in `fields` order, as the signature names them
       return serve_with_metadata(image_bytes, **dict(zip(fields, values)))
 

@@ -21,7 +21,7 @@ from absl import logging
 
 from job import accelerators, artifacts, callbacks as callbacks_lib, config as config_lib, data, distribute_utils
 from job import evaluate as evaluate_lib, keras_compat, model as model_lib, optimization, performance
-from job import ensemble, predict, run_state
+from job import ensemble, patient_metadata, predict, run_state
 from tfrecords import cli, fileio, manifest as manifest_lib, progress
 
 DEBUG_TRAIN_EXAMPLES, DEBUG_EVAL_EXAMPLES = 64, 32
@@ -199,8 +199,11 @@ def fine_tune(run: Run, initial_epoch: int) -> int:
 
 
 def run_config(cfg: config_lib.TrainConfig, strategy, policy: str, xla: bool, class_names,
-               learning_rates: dict[int, float], manifest_sha256: str, manifest: dict) -> dict:
+               learning_rates: dict[int, float], manifest_sha256: str, manifest: dict,
+               metadata_counts: dict | None = None) -> dict:
   return {
+      # --metadata: each field's categories in the train split (job.predict warns of one it lacks).
+      **({"metadata_counts": metadata_counts} if metadata_counts else {}),
       "flags": dataclasses.asdict(cfg),
       "image_size": cfg.image_size,
       "seed": cfg.seed,
@@ -336,6 +339,11 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   weights = data.class_weights(train_info.class_counts) if cfg.class_weights else None
   num_val = min(val_info.num_examples, take_eval or val_info.num_examples)
   cache = data.choose_cache(cfg.cache, num_train + num_val, cfg.image_size)
+  metadata_counts = data.metadata_counts(train_info, cfg.metadata) if cfg.metadata else None
+  if metadata_counts and patient_metadata.never_known(metadata_counts):
+    raise cli.UserError(f"--metadata={','.join(cfg.metadata)}: the train split of --data_dir={cfg.data_dir} records no "
+                        f"{', '.join(patient_metadata.never_known(metadata_counts))} for any image: a branch on it "
+                        "would learn nothing; leave it out of --metadata")
   train_examples = data.train_examples(train_info, cfg.image_size, seed=cfg.seed, take=take_train, cache=cache,
                                        metadata=cfg.metadata)
   validation = data.validation_dataset(val_info, cfg.image_size, cfg.global_batch_size, take=take_eval,
@@ -353,7 +361,7 @@ def _train(cfg: config_lib.TrainConfig, strategy: tf.distribute.Strategy, policy
   if chief:  # once the model is built: a run that fails before (bad --weights, say) leaves no record
     fileio.write_json(artifacts.path(model_dir, artifacts.RUN_CONFIG_FILE),
                       run_config(cfg, strategy, policy, xla, class_names, learning_rates, manifest_sha256,
-                                 manifest))
+                                 manifest, metadata_counts))
     artifacts.write_label_map(model_dir, class_names)
   state = Run(cfg, strategy, inner, wrapper, train_examples, train_info, validation, steps_per_epoch,
               steps_per_execution, xla, weights, learning_rates, manifest_sha256, model_dir, chief)

@@ -193,6 +193,7 @@ def parse_trainer_flags(passthrough: list[str], preflight: bool = False) -> flag
     trainer(["job.train", *passthrough])
   except (flags.Error, ValueError) as e:  # absl raises ValueError for some malformed values
     raise cli.UserError(f"after --: {str(e).splitlines()[0]} (see python -m job.train --help)") from None
+  config_lib.metadata_fields(trainer.metadata)  # a list flag takes any name: dx_type and typos are refused here
   return trainer
 
 

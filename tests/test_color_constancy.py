@@ -39,6 +39,23 @@ def test_the_layer_corrects_as_shades_of_gray_and_leaves_a_grey_lit_image_alone(
   np.testing.assert_allclose(means / means.mean(axis=1, keepdims=True), 1, atol=2e-3)
   grey = np.repeat(_tinted()[..., :1], 3, axis=-1)
   np.testing.assert_allclose(color_constancy.ShadesOfGray()(_caffe(grey)).numpy(), _caffe(grey), atol=2e-3)
+  rgb = color_constancy.ShadesOfGray(space="rgb")(images.astype(np.float32)).numpy()  # the wrapper's, on 0-255 RGB
+  np.testing.assert_allclose(rgb, shades_of_gray(images), atol=2e-3)
+
+
+def test_training_corrects_before_the_augmentation_and_inference_inside_the_model():
+  inner = model_lib.build_inner_model("none", num_classes=3, color_constancy="shades_of_gray")
+  wrapper = model_lib.build_training_model(inner, 16, augment=False)
+  names = [layer.name for layer in wrapper.layers]
+  assert names.index("shades_of_gray_before_augment") < names.index("preprocess")
+  images = _caffe(_tinted())
+  layer = inner.get_layer(model_lib.COLOR_CONSTANCY_LAYER)
+  np.testing.assert_array_equal(layer(images, training=True).numpy(), images)  # the wrapper corrected already
+  np.testing.assert_allclose(layer(images, training=False).numpy(), _caffe(shades_of_gray(_tinted())), atol=2e-3)
+  # In inference the two passes agree with the saved model's one: a corrected image stays as it is.
+  uint8 = np.round(_tinted()).astype(np.uint8)
+  np.testing.assert_allclose(wrapper.predict(uint8, verbose=0),
+                             inner(model_lib.preprocess(uint8), training=False).numpy(), atol=1e-4)
 
 
 def test_a_model_with_it_compiles_under_xla_in_bfloat16_and_keeps_it_when_saved(tmp_path):

@@ -135,6 +135,12 @@ def test_trainer_flags_may_not_override_the_launchers_own(passthrough, refused):
     _custom_job(passthrough=passthrough)
 
 
+def test_a_trainer_metadata_field_the_job_would_refuse_is_refused_before_submitting():
+  with pytest.raises(vertex.cli.UserError, match=r"^--metadata=age,dx_type: dx_type cannot be an input"):
+    vertex.parse_trainer_flags(["--metadata=age,dx_type"])
+  assert vertex.parse_trainer_flags(["--metadata=sex,age"]).metadata == ["sex", "age"]
+
+
 def test_the_launcher_sets_the_strategy_of_a_tpu_or_several_machines_itself():
   with pytest.raises(vertex.cli.UserError, match=r"^after --: --strategy the launcher sets itself"):
     _custom_job(passthrough=["--strategy=mirrored"], replica_count=2)

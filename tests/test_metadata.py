@@ -59,6 +59,20 @@ def test_dx_type_and_unknown_fields_are_refused_by_name_and_the_fields_are_order
       "metadata: [] → ['age', 'localization']"]
 
 
+def test_a_split_is_counted_as_the_encoding_sees_it_and_a_field_never_known_is_named(shards_dir):
+  from job import data
+  from tfrecords import manifest as manifest_lib
+  info = manifest_lib.split_info(shards_dir, manifest_lib.read(shards_dir), "train")
+  counts = data.metadata_counts(info, ALL)
+  assert all(sum(found.values()) == info.num_examples for found in counts.values())
+  assert counts["age"]["missing"] < counts["age"]["known"] and counts["localization"]["lateral torso"] == 0
+  assert patient_metadata.never_known(counts) == []
+  assert patient_metadata.never_known({"age": {"known": 0, "missing": 5}, "sex": {"male": 1, "unknown": 4}}) == ["age"]
+  found = patient_metadata.untrained(counts, {f: tf.constant(v) for f, v in (
+      ("age", [30.0, 40.0]), ("sex", ["male", "female"]), ("localization", ["lateral torso", "back"]))})
+  assert found == {"localization": {"lateral torso": 1}}
+
+
 def _raw(n):
   rng = np.random.default_rng(0)
   return {"age": tf.constant(rng.choice([35.0, 70.0, float("nan")], n), tf.float32),
@@ -149,10 +163,15 @@ def test_a_metadata_run_evaluates_predicts_from_a_csv_and_serves_with_and_withou
   assert {"sex", "age_band", "localization"} <= set(metrics["subgroups_balanced_accuracy"])
   paths = helpers.synthetic_image_paths(synthetic_dir, 3)
   ids = [predict.image_id(p) for p in paths]
-  table = _metadata_csv(synthetic_dir, tmp_path / "meta.csv", ids, **{ids[0]: {"localization": "moon"}})
+  # A name no vocabulary knows, and a site HAM10000 never names (no HAM10000 name folds onto it).
+  table = _metadata_csv(synthetic_dir, tmp_path / "meta.csv", ids,
+                        **{ids[0]: {"localization": "moon"}, ids[1]: {"localization": "lateral torso"}})
   result = helpers.run_module("job.predict", f"--model_dir={run_dir}", f"--metadata_csv={tmp_path / 'meta.csv'}",
                               f"--output={tmp_path / 'p.csv'}", *paths)
   assert "localization 'moon' (1 image(s)) is not a site the model knows" in result.stderr
+  assert run_config["metadata_counts"]["localization"]["lateral torso"] == 0
+  assert (f"localization lateral torso (1 image(s)), which the train split of --model_dir={run_dir} never had"
+          in result.stderr)
   predicted = pd.read_csv(tmp_path / "p.csv")
   columns = [c for c in predicted if c.startswith("p_")]
   export = tf.saved_model.load(os.path.join(run_dir, "serving", "1"))
@@ -160,7 +179,7 @@ def test_a_metadata_run_evaluates_predicts_from_a_csv_and_serves_with_and_withou
   ages = table.loc[ids, "age"].replace("", "-1").astype(np.float32).to_numpy()
   served = export.signatures[predict.METADATA_SIGNATURE](
       image_bytes=image_bytes, age=tf.constant(ages), sex=tf.constant(table.loc[ids, "sex"].to_numpy().astype(str)),
-      localization=tf.constant(["moon"] + table.loc[ids[1:], "localization"].tolist()))["probabilities"].numpy()
+      localization=tf.constant(["moon", "lateral torso", table.loc[ids[2], "localization"]]))["probabilities"].numpy()
   np.testing.assert_allclose(served, predicted[columns].to_numpy(), atol=1e-5)
   # The default signature takes JPEG bytes only: the fields are then not known, as a CSV row
   # that leaves them empty says.
