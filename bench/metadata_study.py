@@ -38,6 +38,8 @@ def define_flags():
   flags.DEFINE_string("work_dir", None, "Where the data and the runs go (default: a temporary folder).")
   flags.DEFINE_string("data_dir", None, "Shards to study instead of the synthetic ones.")
   flags.DEFINE_enum("color_constancy", "none", config_lib.COLOR_CONSTANCY, "job.train's, for both runs.")
+  flags.DEFINE_string("baseline_dir", None, "An image-only run on the same shards to compare with, instead of "
+                      "training one (its settings are then its own).")
   flags.DEFINE_bool("debug", False, "Train both runs on job.train --debug's small subset (a quick check).")
 
 
@@ -53,16 +55,16 @@ def main(argv):
       seed=FLAGS.seed, debug=FLAGS.debug, color_constancy=FLAGS.color_constancy, overwrite=True)
   with_metadata = dataclasses.replace(image_only, metadata=FIELDS,
                                       model_dir=os.path.join(runs, f"metadata_{os.path.basename(data_dir)}"))
-  for cfg in (image_only, with_metadata):
+  baseline = FLAGS.baseline_dir or image_only.model_dir
+  for cfg in (image_only, with_metadata) if not FLAGS.baseline_dir else (with_metadata,):
     keras.backend.clear_session()
     train.train_and_evaluate(config_lib.validated(cfg))
-  compared = compare_lib.compare([image_only.model_dir, with_metadata.model_dir], data_dir,
-                                 seed=FLAGS.seed)["comparisons"][0]
+  compared = compare_lib.compare([baseline, with_metadata.model_dir], data_dir, seed=FLAGS.seed)["comparisons"][0]
   common.report({
       "bench": "metadata_study", "image_size": FLAGS.image_size, "seed": FLAGS.seed,
       "site_signal": FLAGS.site_signal, "epochs": [FLAGS.stage1_epochs, FLAGS.stage2_epochs],
       "color_constancy": FLAGS.color_constancy,
-      "runs": [image_only.model_dir, with_metadata.model_dir],
+      "runs": [baseline, with_metadata.model_dir],
       "metadata_vs_image_only": {key: compared[key] for key in ("balanced_accuracy", "macro_roc_auc")}})
 
 
